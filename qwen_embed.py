@@ -1,0 +1,399 @@
+"""Qwen3 as a text embedder, in plain PyTorch: one text in, one vector out.
+
+    from qwen_embed import Qwen3Embedder
+    model = Qwen3Embedder.from_pretrained("Qwen/Qwen3-Embedding-0.6B")   # or a local directory
+    vecs = model.encode(["2 + 2 = 4", "a fraction is part of a whole"])  # (2, 1024) float32
+
+Notable features: RMSNorm on q and k per head, rotate-half RoPE, grouped-query attention,
+SwiGLU MLP, safetensors loaded straight onto the meta-built model, last-token pooling. It follows
+transformers' `models/qwen3/modeling_qwen3.py` and matches it to float32 rounding (tests/).
+The batch is *packed*: the real tokens of all texts are concatenated, with no padding, so the
+matmuls (almost all of the FLOPs) never touch a pad token; only attention sees the texts apart.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import safe_open
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm.auto import tqdm
+
+EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into this token's state
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    vocab_size: int           # 151669 for every Qwen3 size
+    hidden_size: int          # width of the residual stream: 1024 (0.6B), 2560 (4B), 4096 (8B)
+    num_hidden_layers: int
+    num_attention_heads: int  # query heads
+    num_key_value_heads: int  # fewer key/value heads, each shared by a group of query heads
+    head_dim: int             # 128 in every size: NOT hidden_size / num_attention_heads (64 for 0.6B)
+    intermediate_size: int    # MLP width
+    rms_norm_eps: float
+    rope_theta: float         # RoPE base frequency
+
+    @classmethod
+    def from_json(cls, path):
+        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+        if cfg.get("model_type") != "qwen3":
+            raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, only 'qwen3' is supported")
+        # Refuse what we do not implement rather than silently computing something else.
+        rope = cfg.get("rope_parameters") or {}
+        unsupported = {
+            "rope_scaling": cfg.get("rope_scaling") not in (None, {}),
+            "rope_parameters.rope_type": rope.get("rope_type", "default") != "default",
+            "use_sliding_window": bool(cfg.get("use_sliding_window")),
+            "layer_types": any(t != "full_attention" for t in cfg.get("layer_types") or []),
+            "attention_bias": bool(cfg.get("attention_bias")),
+            "hidden_act": cfg.get("hidden_act", "silu") != "silu",
+            "num_experts": bool(cfg.get("num_experts")),
+        }
+        for key, bad in unsupported.items():
+            if bad:
+                raise ValueError(f"{path}: unsupported config {key}={cfg.get(key.split('.')[0])!r}")
+        # Recent transformers writes rope_theta inside rope_parameters; the Hub's files have it on top.
+        cfg.setdefault("rope_theta", rope.get("rope_theta"))
+        missing = [f for f in cls.__dataclass_fields__ if cfg.get(f) is None]
+        if missing:
+            raise ValueError(f"{path}: missing config keys {missing}")
+        return cls(**{f: cfg[f] for f in cls.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------- model
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # The reference's order, which matters in bf16: normalise in float32, cast back, then scale.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(positions, head_dim, theta, dtype):
+    """cos, sin of shape (N, head_dim) for rotate-half RoPE, computed in float32 like the reference."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq  # (N, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)        # (N, head_dim): both halves use the same angle
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x: (N, heads, head_dim); cos, sin: (N, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Qwen3Config):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * c.head_dim, c.hidden_size, bias=False)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)  # Qwen3's QK-norm: per head, before RoPE
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch):  # x: (N, hidden), N = real tokens of the whole batch
+        N = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(N, self.n_head, self.head_dim))  # (N, n_head, head_dim)
+        k = self.k_norm(self.k_proj(x).view(N, self.n_kv, self.head_dim))    # (N, n_kv, head_dim)
+        v = self.v_proj(x).view(N, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(batch.attention(q, k, v).reshape(N, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Qwen3Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, batch):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class PackedBatch:
+    """Where each text sits among the N concatenated tokens, and causal attention within each text.
+
+    lengths: (B,) tokens per text. Text b owns tokens starts[b] : starts[b] + lengths[b].
+    """
+
+    def __init__(self, lengths, device):
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        self.lengths = lengths.to(device)
+        self.cu = F.pad(lengths.cumsum(0), (1, 0)).to(device)  # (B+1,) start offsets, then the total
+        self.max_len = int(lengths.max())
+        self.seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), self.lengths)  # (N,)
+        self.positions = torch.arange(int(lengths.sum()), device=device) - self.cu[self.seq]  # (N,)
+        # Each token's slot in a right-padded (B, max_len) grid, for attention.
+        self.slot = self.seq * self.max_len + self.positions
+
+    def attention(self, q, k, v):  # q: (N, n_head, d), k/v: (N, n_kv, d) -> (N, n_head, d)
+        # SDPA wants a rectangle, so scatter into a right-padded (B, max_len) grid. Right padding
+        # needs no padding mask: under the causal mask a real token attends only to earlier
+        # positions, and every pad comes after every real token of its row. So plain is_causal=True
+        # is exact, SDPA may take its fastest kernels, and pad rows (never NaN) are simply dropped.
+        B, T = len(self.lengths), self.max_len
+
+        def grid(t):  # (N, h, d) -> (B, h, T, d)
+            g = t.new_zeros(B * T, *t.shape[1:])
+            g[self.slot] = t
+            return g.view(B, T, *t.shape[1:]).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True,
+                                             scale=q.shape[-1] ** -0.5, enable_gqa=True)
+        return out.transpose(1, 2).reshape(B * T, *q.shape[1:])[self.slot]
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, c: Qwen3Config):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, input_ids, lengths, return_layers=False):
+        """input_ids: (N,) the texts' tokens concatenated; lengths: (B,) tokens per text.
+
+        Returns the final normed hidden states (N, hidden). With return_layers, also the list of
+        num_hidden_layers + 1 residual-stream states (embeddings, then after each layer), un-normed.
+        """
+        batch = PackedBatch(lengths, input_ids.device)
+        x = self.embed_tokens(input_ids)  # (N, hidden)
+        # RoPE angles are computed here, not kept as buffers: a buffer built on the meta device
+        # would stay empty after loading. Positions restart at 0 for every text.
+        cos, sin = rope(batch.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        layers = [x]
+        for block in self.layers:
+            x = block(x, cos, sin, batch)
+            if return_layers:
+                layers.append(x)
+        x = self.norm(x)
+        return (x, layers) if return_layers else x
+
+
+# ----------------------------------------------------------------------------- loading
+
+def resolve_model_dir(name_or_path, revision=None):
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded into the standard cache.
+
+    Only config, tokenizer and safetensors files are fetched (never pickled weights or code);
+    HF_HUB_OFFLINE=1 makes this read the cache alone.
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path}: not a model directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as e:  # offline with an empty cache, unknown repo, no network, bad revision...
+        raise FileNotFoundError(f"{name_or_path}: not a local directory and not fetched from the "
+                                f"Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def load_weights(model, folder, device, dtype):
+    """Fill a meta-device model from model.safetensors or a sharded index, straight in dtype/device."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = {}
+    for name in files:
+        file = folder / name
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: weights file missing")
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    # Qwen3 LLM checkpoints prefix the decoder with "model." and add an lm_head
+                    # that an embedder never uses; Qwen3-Embedding checkpoints have neither.
+                    ours = key.removeprefix("model.")
+                    if key.startswith("lm_head."):
+                        continue
+                    t = f.get_tensor(key)
+                    if ours in expected and t.shape != expected[ours]:
+                        raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, "
+                                         f"config.json implies {tuple(expected[ours])}")
+                    state[ours] = t.to(device=device, dtype=dtype)  # one tensor at a time: no 2nd copy
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{folder}: checkpoint does not fit config.json: "
+                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), "
+                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def pick_device_dtype(device=None, dtype=None):
+    """CUDA + bfloat16 when a GPU is present, else CPU + float32 (bf16 matmuls are slow on most CPUs)."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r} (try 'cpu', 'cuda' or 'cuda:1')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but no CUDA GPU is available")
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+             "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = names.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype == torch.float16:
+        raise ValueError("float16 is not supported: Qwen3's activations overflow it; use bfloat16")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"unknown dtype {dtype!r} (use 'bfloat16' or 'float32')")
+    return device, dtype
+
+
+# ----------------------------------------------------------------------------- embedder
+
+class Qwen3Embedder:
+    def __init__(self, model, tokenizer, device, dtype, name=""):
+        self.model, self.tokenizer, self.device, self.dtype, self.name = model, tokenizer, device, dtype, name
+        self.eos_id = tokenizer.token_to_id(EOS)
+        if self.eos_id is None:
+            raise ValueError(f"{name}: tokenizer.json has no {EOS} token")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None):
+        device, dtype = pick_device_dtype(device, dtype)
+        folder = resolve_model_dir(name_or_path, revision)
+        for needed in ("config.json", "tokenizer.json"):
+            if not (folder / needed).exists():
+                raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
+        config = Qwen3Config.from_json(folder / "config.json")
+        with torch.device("meta"):  # shapes only: no memory, no random init
+            model = Qwen3Model(config)
+        load_weights(model, folder, device, dtype)
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:
+            raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+        tokenizer.no_truncation()  # we truncate ourselves, keeping EOS last
+        tokenizer.no_padding()     # and pack instead of padding
+        return cls(model.eval(), tokenizer, device, dtype, str(name_or_path))
+
+    @property
+    def dim(self):
+        return self.model.config.hidden_size
+
+    def tokenize(self, texts, instruction=None, max_length=8192):
+        """Token ids per text, each ending with exactly one EOS, at most max_length long.
+
+        The Qwen3-Embedding tokenizer appends EOS in its post-processor and plain Qwen3 LLM
+        tokenizers do not; we encode without special tokens and append it ourselves, so both give
+        the same ids, and truncation keeps the EOS whose hidden state becomes the embedding.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a list of strings")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (one text token and EOS), got {max_length}")
+        if instruction is not None:  # exactly the official Qwen3-Embedding query format
+            texts = [f"Instruct: {instruction}\nQuery:{t}" for t in texts]
+        encoded = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids[: max_length - 1] + [self.eos_id] for e in encoded]
+
+    def batches(self, ids, batch_size, max_batch_tokens):
+        """Indices of texts, sorted by length and cut into batches of <= batch_size texts and
+        <= max_batch_tokens tokens. Sorting keeps padding in attention small; packing removes it
+        from everything else."""
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        batch, tokens = [], 0
+        for i in order:
+            if batch and (len(batch) == batch_size or tokens + len(ids[i]) > max_batch_tokens):
+                yield batch
+                batch, tokens = [], 0
+            batch.append(i)
+            tokens += len(ids[i])
+        if batch:
+            yield batch
+
+    @torch.inference_mode()
+    def encode(self, texts, instruction=None, batch_size=32, max_length=8192, dim=None,
+               normalize=True, progress=True, pooling="last", max_batch_tokens=16384, layers=None):
+        """Embed texts: a float32 (len(texts), D) CPU tensor, row i for texts[i].
+
+        pooling: "last" (the EOS token's state, what Qwen3-Embedding is trained for) or "mean".
+        dim: keep the first dim features (Matryoshka), before the L2 normalisation.
+        layers: None for the final normed output, or a list of layer indexes (0 = embeddings,
+        num_hidden_layers = last layer, negative from the end) -> a dict {layer: tensor}, un-normed.
+        """
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        if dim is not None and not 1 <= dim <= self.dim:
+            raise ValueError(f"dim must be between 1 and the hidden size {self.dim}, got {dim}")
+        if batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError("batch_size and max_batch_tokens must be positive")
+        n_layers = self.model.config.num_hidden_layers
+        picks = None if layers is None else [l % (n_layers + 1) for l in layers]
+        if picks is not None and any(not -n_layers - 1 <= l <= n_layers for l in layers):
+            raise ValueError(f"layers must be in [-{n_layers + 1}, {n_layers}], got {layers}")
+        ids = self.tokenize(texts, instruction, max_length)
+        keys = [None] if picks is None else picks
+        out = {key: torch.empty(len(ids), dim or self.dim) for key in keys}
+        with tqdm(total=len(ids), desc="embedding", unit="text", disable=not progress) as bar:
+            for batch in self.batches(ids, batch_size, max_batch_tokens):
+                lengths = torch.tensor([len(ids[i]) for i in batch])
+                flat = torch.tensor([t for i in batch for t in ids[i]])
+                if self.device.type == "cuda":  # pinned memory lets the copy overlap GPU work
+                    flat, lengths = flat.pin_memory(), lengths.pin_memory()
+                flat, lengths = flat.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
+                hidden, states = self.model(flat, lengths, return_layers=True) if picks else (self.model(flat, lengths), None)
+                for key in keys:
+                    v = self.pool(hidden if key is None else states[key], lengths, pooling, dim, normalize).cpu()
+                    bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
+                    if bad:
+                        raise FloatingPointError(f"NaN or Inf in the vectors of texts {[batch[i] for i in bad][:20]}")
+                    out[key][batch] = v
+                bar.update(len(batch))
+        return out[None] if picks is None else {l: out[p] for l, p in zip(layers, picks)}
+
+    @staticmethod
+    def pool(h, lengths, pooling, dim, normalize):  # h: (N, hidden), lengths: (B,) -> (B, dim) float32
+        ends = lengths.cumsum(0)
+        if pooling == "last":
+            # The last real token, found from the lengths. Never search for the pad id: in Qwen3
+            # it is the same id as EOS.
+            v = h[ends - 1].float()
+        else:
+            seq = torch.repeat_interleave(torch.arange(len(lengths), device=h.device), lengths)
+            v = torch.zeros(len(lengths), h.shape[1], device=h.device).index_add_(0, seq, h.float())
+            v = v / lengths[:, None]
+        v = v[:, :dim] if dim else v
+        return F.normalize(v, dim=-1) if normalize else v

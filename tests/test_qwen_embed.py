@@ -1,0 +1,245 @@
+"""qwen_embed against the reference stack (transformers, sentence-transformers) on random weights."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from qwen_embed import Qwen3Config, Qwen3Embedder
+from tiny_checkpoint import make_checkpoint
+
+TEXTS = [
+    "What fraction of the shape is not shaded?",
+    "a",
+    "One third is equal to three ninths because 6 over 9 is 2 thirds, so 1/3 is not shaded at all.",
+    "Ünïcödé 日本語 🙂\nnew line, \"quotes\"",
+    "12345",
+    "I think the answer is 1/3 because you divide 9 by 3 and get 3. " * 4,
+]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ours(tiny):
+    return Qwen3Embedder.from_pretrained(tiny, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    transformers = pytest.importorskip("transformers")  # installed by requirements-dev.txt in CI
+    tok = transformers.AutoTokenizer.from_pretrained(tiny)
+    model = transformers.AutoModel.from_pretrained(tiny, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return tok, model
+
+
+def reference_run(reference, texts):
+    """The official Qwen3-Embedding recipe: left padding with a mask, hidden state at the last position."""
+    tok, model = reference
+    assert tok.padding_side == "left"
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    return batch, out
+
+
+def test_hidden_states_of_every_layer_match_transformers(ours, reference):
+    batch, out = reference_run(reference, TEXTS)
+    ids = ours.tokenize(TEXTS)
+    lengths = torch.tensor([len(i) for i in ids])
+    with torch.no_grad():
+        final, layers = ours.model(torch.tensor([t for i in ids for t in i]), lengths, return_layers=True)
+    n_layers = ours.model.config.num_hidden_layers
+    assert len(out.hidden_states) == n_layers + 1 == len(layers)
+    mask = batch["attention_mask"].bool()
+    # Same tokens: the reference's real tokens (left-padded) are our packed tokens, in order.
+    assert batch["input_ids"][mask].tolist() == [t for i in ids for t in i]
+    # transformers' last hidden state is the normed one; the others are the raw residual stream.
+    for layer in range(n_layers):
+        diff = (out.hidden_states[layer][mask] - layers[layer]).abs().max().item()
+        assert diff <= TOL, f"layer {layer}: max abs diff {diff}"
+    diff = (out.last_hidden_state[mask] - final).abs().max().item()
+    assert diff <= TOL, f"final norm: max abs diff {diff}"
+
+
+def test_encode_matches_reference_recipe(ours, reference):
+    _, out = reference_run(reference, TEXTS)
+    expected = F.normalize(out.last_hidden_state[:, -1], dim=-1)
+    got = ours.encode(TEXTS, progress=False)
+    assert got.dtype == torch.float32 and got.device.type == "cpu" and got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_encode_matches_sentence_transformers(tiny, ours):
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(tiny), device="cpu")
+    expected = model.encode(TEXTS, convert_to_tensor=True, batch_size=4)
+    assert (ours.encode(TEXTS, progress=False) - expected).abs().max().item() <= TOL
+
+
+def test_mean_pooling_and_layers_match_reference(ours, reference):
+    batch, out = reference_run(reference, TEXTS)
+    m = batch["attention_mask"][..., None].float()
+    expected_mean = F.normalize((out.last_hidden_state * m).sum(1) / m.sum(1), dim=-1)
+    assert (ours.encode(TEXTS, pooling="mean", progress=False) - expected_mean).abs().max() <= TOL
+    got = ours.encode(TEXTS, layers=[1, -2], normalize=False, progress=False)
+    assert set(got) == {1, -2}
+    assert (got[1] - out.hidden_states[1][:, -1]).abs().max() <= TOL
+    assert (got[-2] - out.hidden_states[-2][:, -1]).abs().max() <= TOL  # the last layer's raw output
+
+
+def test_batch_invariance(ours):
+    target = TEXTS[2]
+    alone = ours.encode([target], progress=False)[0]
+    short = ours.encode(["a", "b c", target, "d"], progress=False)[2]
+    long = ours.encode([TEXTS[5], target, TEXTS[5] * 3], progress=False)[1]
+    tiny_batches = ours.encode(TEXTS, batch_size=1, progress=False)[2]
+    token_budget = ours.encode(TEXTS, max_batch_tokens=40, progress=False)[2]
+    for other in (short, long, tiny_batches, token_budget):
+        assert (alone - other).abs().max().item() <= TOL
+
+
+def test_order_preserved(ours):
+    forward = ours.encode(TEXTS, batch_size=2, progress=False)
+    backward = ours.encode(TEXTS[::-1], batch_size=2, progress=False)
+    assert torch.allclose(forward, backward.flip(0), atol=TOL)
+    # Distinct texts give distinct rows, so a mix-up would show.
+    assert (torch.cdist(forward, forward) + torch.eye(len(TEXTS))).min() > 1e-3
+
+
+def test_eos_exactly_once_with_or_without_post_processor(tmp_path, ours):
+    plain = Qwen3Embedder.from_pretrained(make_checkpoint(tmp_path, layers=3, eos_post_processor=False))
+    eos = ours.tokenizer.token_to_id("<|endoftext|>")
+    assert ours.tokenizer.encode("hi").ids[-1] == eos          # the embedding-style post-processor
+    assert plain.tokenizer.encode("hi").ids[-1] != eos         # the LLM-style tokenizer adds nothing
+    for ids_a, ids_b, text in zip(ours.tokenize(TEXTS), plain.tokenize(TEXTS), TEXTS):
+        assert ids_a == ids_b
+        assert ids_a[-1] == eos and eos not in ids_a[:-1], text
+    assert torch.allclose(ours.encode(TEXTS, progress=False), plain.encode(TEXTS, progress=False), atol=TOL)
+
+
+def test_truncation_keeps_eos_last(ours):
+    eos = ours.tokenizer.token_to_id("<|endoftext|>")
+    full = ours.tokenize([TEXTS[5]])[0]
+    cut = ours.tokenize([TEXTS[5]], max_length=5)[0]
+    assert len(full) > 5 and cut == full[:4] + [eos]
+    assert ours.tokenize(["a"], max_length=5)[0] == ours.tokenize(["a"])[0]  # short texts untouched
+
+
+def test_instruction_format(ours):
+    expected = ours.tokenizer.encode("Instruct: Classify the answer\nQuery:What is 1/3?", add_special_tokens=False).ids
+    assert ours.tokenize(["What is 1/3?"], instruction="Classify the answer")[0][:-1] == expected
+    a = ours.encode(["What is 1/3?"], instruction="Classify the answer", progress=False)
+    b = ours.encode(["Instruct: Classify the answer\nQuery:What is 1/3?"], progress=False)
+    assert torch.equal(a, b)
+
+
+def test_llm_prefix_sharded_and_rope_layouts_load_the_same(tmp_path, ours):
+    base = ours.encode(TEXTS, progress=False)
+    for kwargs in ({"prefix": "model."}, {"shards": 3}, {"rope_in_parameters": False}):
+        folder = make_checkpoint(tmp_path / str(len(kwargs)) / next(iter(kwargs)), layers=3, **kwargs)
+        other = Qwen3Embedder.from_pretrained(folder).encode(TEXTS, progress=False)
+        assert torch.equal(base, other), kwargs
+
+
+def test_matryoshka_dims(ours):
+    raw = ours.encode(TEXTS, normalize=False, progress=False)
+    for dim in (1, 16, 64):
+        got = ours.encode(TEXTS, dim=dim, progress=False)
+        assert got.shape == (len(TEXTS), dim)
+        assert torch.allclose(got, F.normalize(raw[:, :dim], dim=-1), atol=1e-6)
+    for bad in (0, -1, 65):
+        with pytest.raises(ValueError, match="dim"):
+            ours.encode(TEXTS, dim=bad, progress=False)
+
+
+def test_hub_resolution_reads_the_standard_cache_offline(tmp_path, tiny, monkeypatch, ours):
+    # The Hub cache layout: models--org--name/{refs/main, snapshots/<commit>/...}.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someorg--tiny-qwen3"
+    shutil.copytree(tiny, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    model = Qwen3Embedder.from_pretrained("someorg/tiny-qwen3")
+    assert torch.equal(model.encode(TEXTS, progress=False), ours.encode(TEXTS, progress=False))
+    with pytest.raises(FileNotFoundError, match="someorg/absent.*Hugging Face Hub"):
+        Qwen3Embedder.from_pretrained("someorg/absent")
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        Qwen3Embedder.from_pretrained(str(tmp_path / "nowhere"))
+
+
+# ----------------------------------------------------------------------------- errors
+
+def edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model_type": "qwen2"}, "model_type is 'qwen2'"),
+    ({"model_type": "qwen3_moe", "num_experts": 8}, "model_type"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_type"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"head_dim": None}, "missing config keys \\['head_dim'\\]"),
+])
+def test_unsupported_configs_are_refused(tmp_path, tiny, changes, message):
+    folder = shutil.copytree(tiny, tmp_path / "m")
+    edit_config(folder, **changes)
+    with pytest.raises(ValueError, match=message):
+        Qwen3Embedder.from_pretrained(folder)
+
+
+def test_missing_unexpected_and_misshapen_weights_are_named(tmp_path, tiny):
+    folder = shutil.copytree(tiny, tmp_path / "m")
+    weights = load_file(folder / "model.safetensors")
+    del weights["layers.1.self_attn.k_norm.weight"]
+    weights["layers.9.mlp.extra.weight"] = torch.zeros(2)
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['layers.1.self_attn.k_norm.weight'\].*layers.9.mlp.extra"):
+        Qwen3Embedder.from_pretrained(folder)
+    weights = load_file(tiny / "model.safetensors")
+    weights["norm.weight"] = torch.ones(3)
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"norm.weight has shape \(3,\)"):
+        Qwen3Embedder.from_pretrained(folder)
+
+
+def test_corrupt_or_missing_files(tmp_path, tiny):
+    folder = shutil.copytree(tiny, tmp_path / "m")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        Qwen3Embedder.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors: weights file missing"):
+        Qwen3Embedder.from_pretrained(folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json: missing"):
+        Qwen3Embedder.from_pretrained(folder)
+
+
+def test_bad_arguments(tiny, ours):
+    with pytest.raises(ValueError, match="float16"):
+        Qwen3Embedder.from_pretrained(tiny, dtype=torch.float16)
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        Qwen3Embedder.from_pretrained(tiny, device="gpu0")
+    with pytest.raises(ValueError, match="max_length"):
+        ours.encode(["x"], max_length=1)
+    with pytest.raises(TypeError, match="list of strings"):
+        ours.encode("just one string")
+    with pytest.raises(ValueError, match="pooling"):
+        ours.encode(["x"], pooling="cls")
+
+
+def test_config_reads_head_dim_not_derived(tiny):
+    c = Qwen3Config.from_json(tiny / "config.json")
+    assert c.head_dim == 32 != c.hidden_size // c.num_attention_heads
