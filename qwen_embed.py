@@ -351,8 +351,9 @@ class Qwen3Embedder:
 
         pooling: "last" (the EOS token's state, what Qwen3-Embedding is trained for) or "mean".
         dim: keep the first dim features (Matryoshka), before the L2 normalisation.
-        layers: None for the final normed output, or a list of layer indexes (0 = embeddings,
-        num_hidden_layers = last layer, negative from the end) -> a dict {layer: tensor}, un-normed.
+        layers: a list of hidden states to pool in one pass -> a dict {layer: tensor}. Each is None
+        for the final normed output, or a layer index (0 = the embeddings, num_hidden_layers = the
+        last layer's raw output, negative from the end), un-normed.
         """
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
@@ -361,11 +362,11 @@ class Qwen3Embedder:
         if batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("batch_size and max_batch_tokens must be positive")
         n_layers = self.model.config.num_hidden_layers
-        picks = None if layers is None else [l % (n_layers + 1) for l in layers]
-        if picks is not None and any(not -n_layers - 1 <= l <= n_layers for l in layers):
+        if layers is not None and any(l is not None and not -n_layers - 1 <= l <= n_layers for l in layers):
             raise ValueError(f"layers must be in [-{n_layers + 1}, {n_layers}], got {layers}")
+        keys = [None] if layers is None else [None if l is None else l % (n_layers + 1) for l in layers]
+        need_layers = any(k is not None for k in keys)
         ids = self.tokenize(texts, instruction, max_length)
-        keys = [None] if picks is None else picks
         out = {key: torch.empty(len(ids), dim or self.dim) for key in keys}
         with tqdm(total=len(ids), desc="embedding", unit="text", disable=not progress) as bar:
             for batch in self.batches(ids, batch_size, max_batch_tokens):
@@ -374,7 +375,7 @@ class Qwen3Embedder:
                 if self.device.type == "cuda":  # pinned memory lets the copy overlap GPU work
                     flat, lengths = flat.pin_memory(), lengths.pin_memory()
                 flat, lengths = flat.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
-                hidden, states = self.model(flat, lengths, return_layers=True) if picks else (self.model(flat, lengths), None)
+                hidden, states = self.model(flat, lengths, return_layers=True) if need_layers else (self.model(flat, lengths), None)
                 for key in keys:
                     v = self.pool(hidden if key is None else states[key], lengths, pooling, dim, normalize).cpu()
                     bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
@@ -382,7 +383,7 @@ class Qwen3Embedder:
                         raise FloatingPointError(f"NaN or Inf in the vectors of texts {[batch[i] for i in bad][:20]}")
                     out[key][batch] = v
                 bar.update(len(batch))
-        return out[None] if picks is None else {l: out[p] for l, p in zip(layers, picks)}
+        return out[None] if layers is None else {l: out[k] for l, k in zip(layers, keys)}
 
     @staticmethod
     def pool(h, lengths, pooling, dim, normalize):  # h: (N, hidden), lengths: (B,) -> (B, dim) float32

@@ -1,0 +1,172 @@
+"""Rows in, texts and labels out: CSV reading, text templates, validation splits, atomic writes.
+
+Shared by train.py and evaluate.py. Errors are ValueError/FileNotFoundError with one line that
+names the file, row or flag; the command-line scripts print that line and exit non-zero.
+"""
+
+import contextlib
+import csv
+import os
+import random
+import shutil
+import string
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+# The MAP format: the question, the multiple-choice answer the student picked, their explanation.
+MAP_TEMPLATE = "Question: {QuestionText}\nAnswer: {MC_Answer}\nStudent explanation: {StudentExplanation}"
+
+
+def read_csv(path):
+    """(columns, rows as dicts). UTF-8 with or without BOM; quoted fields may hold commas and
+    newlines; every value stays a string, so the literal `NA` is a label, not a missing value."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such CSV file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header:
+                raise ValueError(f"{path}: empty file (no header row)")
+            rows = []
+            for fields in reader:
+                if not fields:  # a blank line
+                    continue
+                if len(fields) != len(header):
+                    raise ValueError(f"{path}: line {reader.line_num}: {len(fields)} fields, the header has {len(header)}")
+                rows.append(dict(zip(header, fields)))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: malformed CSV ({e})") from None
+    if not rows:
+        raise ValueError(f"{path}: no data rows")
+    return header, rows
+
+
+def require_columns(path, columns, wanted, flag):
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: {flag} names column(s) {missing} that the CSV lacks; it has {columns}")
+
+
+def template_fields(template):
+    """Column names a template uses. Only plain `{column}` fields: `{x.attr}`, `{x[0]}`, `{x!r}` and
+    `{x:spec}` are refused, so a template can never reach into Python objects."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"--text-template: {e}") from None
+    fields = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not field or field.isdigit() or any(c in field for c in ".[]") or spec or conversion:
+            raise ValueError(f"--text-template: field {{{field}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}} must be a plain column name like {{QuestionText}}")
+        fields.append(field)
+    return fields
+
+
+def render(template, rows):
+    return [template.format_map(row) for row in rows]
+
+
+def check_ids(path, rows, id_col):
+    seen, dupes = set(), []
+    for row in rows:
+        if row[id_col] in seen:
+            dupes.append(row[id_col])
+        seen.add(row[id_col])
+    if dupes:
+        raise ValueError(f"{path}: duplicate {id_col} values {sorted(set(dupes))[:10]}")
+
+
+def labels_of(rows, label_cols):
+    return [":".join(row[c] for c in label_cols) for row in rows]
+
+
+# ----------------------------------------------------------------------------- validation splits
+
+def split(labels, val_frac, groups=None, seed=0):
+    """(train indices, val indices). Grouped when groups are given (no group on both sides), else
+    stratified by label (each label keeps its share; a label seen once stays in training)."""
+    rng = random.Random(seed)
+    if groups is not None:
+        members = defaultdict(list)
+        for i, g in enumerate(groups):
+            members[g].append(i)
+        keys = sorted(members)
+        rng.shuffle(keys)
+        val = []
+        for g in keys:
+            if len(val) >= val_frac * len(labels):
+                break
+            val += members[g]
+        if len(val) == len(labels):
+            raise ValueError(f"--val-frac {val_frac}: too few groups ({len(keys)}) to keep any for training")
+    else:
+        by_label = defaultdict(list)
+        for i, y in enumerate(labels):
+            by_label[y].append(i)
+        val = []
+        for y in sorted(by_label):
+            idx = by_label[y]
+            rng.shuffle(idx)
+            val += idx[: int(round(val_frac * len(idx))) if len(idx) > 1 else 0]
+    val_set = set(val)
+    return [i for i in range(len(labels)) if i not in val_set], sorted(val)
+
+
+def kfold(labels, k, groups=None, seed=0):
+    """A fold number per row. Grouped: whole groups, largest first, each into the emptiest fold.
+    Stratified: each label's rows dealt round-robin over the folds."""
+    rng = random.Random(seed)
+    fold = [0] * len(labels)
+    if groups is not None:
+        members = defaultdict(list)
+        for i, g in enumerate(groups):
+            members[g].append(i)
+        if len(members) < k:
+            raise ValueError(f"--folds {k}: only {len(members)} groups in --group-col")
+        keys = sorted(members)
+        rng.shuffle(keys)
+        sizes = [0] * k
+        for g in sorted(keys, key=lambda g: -len(members[g])):
+            f = sizes.index(min(sizes))
+            for i in members[g]:
+                fold[i] = f
+            sizes[f] += len(members[g])
+    else:
+        by_label = defaultdict(list)
+        for i, y in enumerate(labels):
+            by_label[y].append(i)
+        offset = 0
+        for y in sorted(by_label):
+            idx = by_label[y]
+            rng.shuffle(idx)
+            for j, i in enumerate(idx):
+                fold[i] = (offset + j) % k
+            offset += len(idx)  # so that rare labels do not all land in fold 0
+    return fold
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, so a
+    reader never sees a half-written file or folder. On failure or Ctrl-C it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / "tmp"
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():  # a folder cannot be renamed over a folder: swap
+            old = tmp.parent / "old"
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""The embedding cache: vectors on disk, so that changing only the head never runs the LLM again.
+
+    CACHE_DIR/<spec hash>/spec.json               what the vectors depend on, readable
+    CACHE_DIR/<spec hash>/chunk-*.safetensors     keys (n, 32) uint8 = sha256 of each text,
+                                                  vectors (n, D) float32
+
+The spec hash covers everything that changes a vector: the checkpoint's identity (config, tokenizer,
+the size and first and last MiB of each weights file), instruction, max_length, pooling, dim, dtype
+and layer; the text itself is the per-row key. Chunks are written to a temporary name and renamed,
+so a run killed at any moment leaves only complete chunks, and a rerun computes only what is missing.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import safe_open, save_file
+from tqdm.auto import tqdm
+
+from data import atomic_path
+from qwen_embed import Qwen3Embedder, pick_device_dtype, resolve_model_dir
+
+MIB = 1 << 20
+
+
+def checkpoint_identity(folder):
+    """A fingerprint of a checkpoint folder, cheap even for 16 GB of weights."""
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json"):
+        h.update((folder / name).read_bytes())
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            size = file.stat().st_size
+            h.update(f"{file.name}:{size}".encode())
+            h.update(f.read(MIB))
+            f.seek(max(0, size - MIB))
+            h.update(f.read(MIB))
+    return h.hexdigest()
+
+
+def text_keys(texts):
+    return torch.tensor([list(hashlib.sha256(t.encode("utf-8", "surrogatepass")).digest()) for t in texts],
+                        dtype=torch.uint8).reshape(len(texts), 32)
+
+
+class Cache:
+    def __init__(self, cache_dir, spec):
+        self.spec = spec
+        self.dir = Path(cache_dir) / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+    def load(self, dim):
+        """{text key bytes: vector}. A chunk that is unreadable, or whose shapes, dtypes or values
+        are wrong, is deleted (and its texts recomputed) rather than trusted."""
+        found = {}
+        for file in sorted(self.dir.glob("chunk-*.safetensors")):
+            try:
+                with safe_open(file, framework="pt") as f:
+                    keys, vectors = f.get_tensor("keys"), f.get_tensor("vectors")
+                ok = (keys.dtype == torch.uint8 and keys.ndim == 2 and keys.shape[1] == 32
+                      and vectors.dtype == torch.float32 and vectors.shape == (len(keys), dim)
+                      and bool(torch.isfinite(vectors).all()))
+            except Exception:
+                ok = False
+            if not ok:
+                print(f"warning: {file}: corrupt cache chunk, deleted; its texts will be recomputed")
+                file.unlink(missing_ok=True)
+                continue
+            found.update(zip(map(bytes, keys.numpy()), vectors))
+        return found
+
+    def save(self, keys, vectors):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        spec_file = self.dir / "spec.json"
+        if not spec_file.exists():
+            with atomic_path(spec_file) as tmp:
+                tmp.write_text(json.dumps(self.spec, indent=2))
+        name = hashlib.sha256(keys.numpy().tobytes()).hexdigest()[:16]
+        with atomic_path(self.dir / f"chunk-{name}.safetensors") as tmp:
+            save_file({"keys": keys.contiguous(), "vectors": vectors.contiguous()}, str(tmp))
+
+
+def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", dim=None, layers=(None,),
+          device=None, dtype=None, batch_size=32, cache_dir=".cache/embeddings", chunk_size=1024,
+          progress=True, log=print):
+    """Vectors for texts, from the cache where present, else computed and cached chunk by chunk.
+
+    layers: which hidden states to pool: None = the final normed output, else layer indexes as in
+    Qwen3Embedder.encode; one forward pass serves them all. Returns {layer: (len(texts), D) tensor}.
+    """
+    device, dtype = pick_device_dtype(device, dtype)
+    folder = resolve_model_dir(model)
+    for needed in ("config.json", "tokenizer.json"):
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
+    hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+    if dim is not None and not 1 <= dim <= hidden:
+        raise ValueError(f"--dim must be between 1 and the model's hidden size {hidden}, got {dim}")
+    identity = checkpoint_identity(folder)
+    caches = {layer: Cache(cache_dir, {"checkpoint": identity, "model": str(model), "instruction": instruction,
+                                       "max_length": max_length, "pooling": pooling, "dim": dim,
+                                       "dtype": str(dtype).removeprefix("torch."), "layer": layer})
+              for layer in layers}
+    keys = text_keys(texts)
+    key_bytes = [bytes(k) for k in keys.numpy()]
+    found = {layer: cache.load(dim or hidden) for layer, cache in caches.items()}
+    missing = sorted({i for i, k in enumerate(key_bytes) if any(k not in f for f in found.values())},
+                     key=lambda i: len(texts[i]))
+    todo, seen = [], set()  # one computation per distinct text
+    for i in missing:
+        if key_bytes[i] not in seen:
+            seen.add(key_bytes[i])
+            todo.append(i)
+    if not todo:
+        log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
+    else:
+        log(f"embeddings: {len(texts) - len(missing)} cached, computing {len(todo)} with {model} "
+            f"on {device} in {str(dtype).removeprefix('torch.')}")
+        embedder = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
+        with tqdm(total=len(todo), desc="embedding", unit="text", disable=not progress) as bar:
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start:start + chunk_size]
+                out = embedder.encode([texts[i] for i in chunk], instruction=instruction, batch_size=batch_size,
+                                      max_length=max_length, dim=dim, pooling=pooling, progress=False,
+                                      layers=list(layers))
+                for layer, cache in caches.items():
+                    cache.save(keys[chunk], out[layer])  # saved as soon as computed: nothing lost on a kill
+                    found[layer].update(zip((key_bytes[i] for i in chunk), out[layer]))
+                bar.update(len(chunk))
+    return {layer: torch.stack([found[layer][k] for k in key_bytes]) for layer in layers}
