@@ -19,7 +19,7 @@ from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
 from data import atomic_path
-from qwen_embed import Qwen3Embedder, pick_device_dtype, resolve_model_dir
+from qwen_embed import NonFiniteError, Qwen3Embedder, pick_device_dtype, resolve_model_dir
 
 MIB = 1 << 20
 
@@ -82,8 +82,9 @@ class Cache:
 
 def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", dim=None, layers=(None,),
           device=None, dtype=None, batch_size=32, cache_dir=".cache/embeddings", chunk_size=1024,
-          progress=True, log=print):
+          progress=True, log=print, ids=None):
     """Vectors for texts, from the cache where present, else computed and cached chunk by chunk.
+    ids: a name per text (row ids) for error messages.
 
     layers: which hidden states to pool: None = the final normed output, else layer indexes as in
     Qwen3Embedder.encode; one forward pass serves them all. Returns {layer: (len(texts), D) tensor}.
@@ -120,9 +121,15 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
         with tqdm(total=len(todo), desc="embedding", unit="text", disable=not progress) as bar:
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start:start + chunk_size]
-                out = embedder.encode([texts[i] for i in chunk], instruction=instruction, batch_size=batch_size,
-                                      max_length=max_length, dim=dim, pooling=pooling, progress=False,
-                                      layers=list(layers))
+                try:
+                    out = embedder.encode([texts[i] for i in chunk], instruction=instruction, batch_size=batch_size,
+                                          max_length=max_length, dim=dim, pooling=pooling, progress=False,
+                                          layers=list(layers))
+                except NonFiniteError as e:  # this chunk is not cached; name the rows, not chunk positions
+                    bad = [texts[chunk[j]] for j in e.indices]
+                    rows = [ids[i] if ids else i for i, t in enumerate(texts) if t in bad]
+                    raise FloatingPointError(f"NaN or Inf in the vectors of rows {rows[:20]}"
+                                             f"{' ...' if len(rows) > 20 else ''}; nothing of them was cached") from None
                 for layer, cache in caches.items():
                     cache.save(keys[chunk], out[layer])  # saved as soon as computed: nothing lost on a kill
                     found[layer].update(zip((key_bytes[i] for i in chunk), out[layer]))

@@ -54,7 +54,8 @@ def main(args):
     vectors = embed_cache.embed(texts, spec["model"], instruction=spec["instruction"], max_length=spec["max_length"],
                                 pooling=spec["pooling"], dim=spec["dim"], layers=(spec["layer"],),
                                 device=args.device, dtype=spec["dtype"], batch_size=args.batch_size,
-                                cache_dir=args.cache_dir, progress=not args.quiet)[spec["layer"]]
+                                cache_dir=args.cache_dir, progress=not args.quiet,
+                                ids=[row[spec["id_col"]] for row in rows])[spec["layer"]]
     probs = predict_proba(heads, vectors)
     predictions = top_k(probs, labels)
     ids = [row[spec["id_col"]] for row in rows]

@@ -283,6 +283,14 @@ def pick_device_dtype(device=None, dtype=None):
 
 # ----------------------------------------------------------------------------- embedder
 
+class NonFiniteError(FloatingPointError):
+    """Vectors with NaN or Inf; .indices says which texts. Never silently returned."""
+
+    def __init__(self, indices):
+        super().__init__(f"NaN or Inf in the vectors of texts {indices[:20]}{' ...' if len(indices) > 20 else ''}")
+        self.indices = indices
+
+
 class Qwen3Embedder:
     def __init__(self, model, tokenizer, device, dtype, name=""):
         self.model, self.tokenizer, self.device, self.dtype, self.name = model, tokenizer, device, dtype, name
@@ -380,7 +388,7 @@ class Qwen3Embedder:
                     v = self.pool(hidden if key is None else states[key], lengths, pooling, dim, normalize).cpu()
                     bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
                     if bad:
-                        raise FloatingPointError(f"NaN or Inf in the vectors of texts {[batch[i] for i in bad][:20]}")
+                        raise NonFiniteError(sorted(batch[i] for i in bad))
                     out[key][batch] = v
                 bar.update(len(batch))
         return out[None] if layers is None else {l: out[k] for l, k in zip(layers, keys)}

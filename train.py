@@ -122,7 +122,7 @@ def main(args, log=print):
     x = embed_cache.embed(texts, args.model, instruction=args.instruction, max_length=args.max_length,
                           pooling=args.pooling, dim=args.dim, layers=(args.layer,), device=args.device,
                           dtype=args.dtype, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                          progress=not args.quiet, log=log)[args.layer]
+                          progress=not args.quiet, log=log, ids=[row[args.id_col] for row in rows])[args.layer]
     log(f"embeddings: {tuple(x.shape)} in {time.time() - t0:.1f}s")
 
     groups = [row[args.group_col] for row in rows] if args.group_col else None

@@ -43,20 +43,22 @@ def build_tokenizer(vocab_size=400, eos_post_processor=True):
 
 
 def make_checkpoint(folder, layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32, intermediate=96,
-                    seed=0, prefix="", shards=1, eos_post_processor=True, rope_in_parameters=True):
-    """Defaults keep head_dim != hidden / heads and kv_heads < heads, the cases that catch bugs."""
+                    seed=0, prefix="", shards=1, eos_post_processor=True, rope_in_parameters=True,
+                    tokenizer=None, vocab_size=None, dtype=torch.float32):
+    """Defaults keep head_dim != hidden / heads and kv_heads < heads, the cases that catch bugs.
+    tokenizer: a tokenizer.json to use instead of the tiny trained one (benchmarks: Qwen's real one)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(eos_post_processor=eos_post_processor)
+    tok = Tokenizer.from_file(str(tokenizer)) if tokenizer else build_tokenizer(eos_post_processor=eos_post_processor)
     tok.save(str(folder / "tokenizer.json"))
-    vocab = tok.get_vocab_size()
+    vocab = vocab_size or tok.get_vocab_size()
     config = {
         "architectures": ["Qwen3Model"], "model_type": "qwen3", "vocab_size": vocab,
         "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "head_dim": head_dim, "intermediate_size": intermediate,
         "rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 4096,
         "attention_bias": False, "use_sliding_window": False, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "eos_token_id": tok.token_to_id("<|endoftext|>"),
+        "torch_dtype": str(dtype).removeprefix("torch."), "eos_token_id": tok.token_to_id("<|endoftext|>"),
     }
     # The Hub's files put rope_theta on top; recent transformers writes it inside rope_parameters.
     if rope_in_parameters:
@@ -82,11 +84,11 @@ def make_checkpoint(folder, layers=2, hidden=64, heads=4, kv_heads=2, head_dim=3
     weights = {}
     for name, shape in shapes.items():
         if len(shape) == 1:  # norm weights around 1, but not 1, so a skipped or misplaced norm shows
-            weights[prefix + name] = 1 + 0.3 * torch.randn(shape, generator=g)
+            weights[prefix + name] = (1 + 0.3 * torch.randn(shape, generator=g)).to(dtype)
         else:
-            weights[prefix + name] = torch.randn(shape, generator=g) / shape[-1] ** 0.5
+            weights[prefix + name] = (torch.randn(shape, generator=g) / shape[-1] ** 0.5).to(dtype)
     if prefix:  # an LLM checkpoint also has an lm_head, which the embedder ignores
-        weights["lm_head.weight"] = torch.randn(vocab, hidden, generator=g)
+        weights["lm_head.weight"] = torch.randn(vocab, hidden, generator=g).to(dtype)
     names = sorted(weights)
     if shards == 1:
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,235 @@
+"""Throughput of Qwen3Embedder.encode against the reference stack, same weights, same texts, one run.
+
+    python bench.py --shape 0.6b --layers 4 --texts 384           # CPU, float32 (a few minutes)
+    python bench.py --shape 8b --texts 4096 --device cuda         # GPU, bfloat16
+
+Weights are random at a real model's shape (--layers keeps CPU runs short: per-layer cost is what
+matters). Texts are ../shared/data/map_dev_sample.csv rendered with train.py's default template
+when present, else generated texts of similar lengths; the tokenizer is ../shared/tokenizer/ when
+present (Qwen's real vocabulary), else the tiny test one. Reported: texts/s, real tokens/s, padded
+tokens per real token (the rows the matmuls process), peak memory, achieved FLOP/s over the matmul
+peak measured in this run, and the max abs difference to our vectors.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent / "tests"))
+from data import MAP_TEMPLATE, read_csv, render  # noqa: E402
+from qwen_embed import Qwen3Config, Qwen3Embedder, pick_device_dtype  # noqa: E402
+from tiny_checkpoint import make_checkpoint  # noqa: E402
+
+SHARED = Path(__file__).parent.parent / "shared"
+SHAPES = {  # the real Qwen3-Embedding shapes
+    "0.6b": dict(layers=28, hidden=1024, heads=16, kv_heads=8, head_dim=128, intermediate=3072),
+    "8b": dict(layers=36, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=12288),
+    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32, intermediate=96),  # smoke test
+}
+
+
+def load_texts(n, seed=0):
+    csv_path = SHARED / "data" / "map_dev_sample.csv"
+    if csv_path.exists():
+        texts = render(MAP_TEMPLATE, read_csv(csv_path)[1])
+    else:  # similar lengths: a question, an answer and a short explanation
+        rng = random.Random(seed)
+        words = "the fraction of shaded parts is one third because six over nine simplifies".split()
+        texts = [f"Question: {' '.join(rng.choices(words, k=rng.randint(10, 40)))}\nAnswer: 1/3\n"
+                 f"Student explanation: {' '.join(rng.choices(words, k=rng.randint(3, 40)))}" for _ in range(n)]
+    rng = random.Random(seed)
+    return [texts[i % len(texts)] for i in rng.sample(range(max(n, len(texts))), n)]
+
+
+class PeakRSS:
+    """Peak resident memory of this process above the level at entry, sampled every 2 ms."""
+
+    def __enter__(self):
+        self.base = self.peak = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.delta = self.peak - self.base
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def matmul_peak(device, dtype, n=4096, reps=5):
+    """FLOP/s of a large square matmul: the ceiling our model's matmuls can reach here."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_text(c: Qwen3Config, n_tokens):
+    """Forward FLOPs for one text: 2 per weight per token in the matmuls, plus causal attention."""
+    attn_w = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    mlp_w = 3 * c.hidden_size * c.intermediate_size
+    causal = 2 * 2 * c.num_attention_heads * c.head_dim * n_tokens * (n_tokens + 1) / 2  # QK^T and PV
+    return c.num_hidden_layers * (2 * (attn_w + mlp_w) * n_tokens + causal)
+
+
+def timed(name, fn, device):
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        vecs = fn()
+        sync(device)
+        seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.delta
+    return {"name": name, "seconds": seconds, "vectors": vecs.float().cpu(), "peak_bytes": peak}
+
+
+def main(args):
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    torch.manual_seed(0)
+    texts = load_texts(args.texts)
+    tokenizer = SHARED / "tokenizer" / "tokenizer.json"
+    shape = dict(SHAPES[args.shape], layers=args.layers or SHAPES[args.shape]["layers"])
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        t = time.perf_counter()
+        if tokenizer.exists() and args.shape != "tiny":
+            make_checkpoint(folder, **shape, tokenizer=tokenizer, vocab_size=151669, dtype=dtype)
+            for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+                shutil.copy(tokenizer.parent / extra, folder / extra)
+        else:
+            make_checkpoint(folder, **shape, dtype=dtype)
+        ckpt_bytes = (folder / "model.safetensors").stat().st_size
+        print(f"checkpoint: {args.shape} shape, {shape['layers']} layers, {ckpt_bytes / 2**30:.2f} GiB "
+              f"{str(dtype).removeprefix('torch.')}, written in {time.perf_counter() - t:.0f}s")
+
+        # Loading, in a fresh process so that its peak memory is its own.
+        load = subprocess.run([sys.executable, __file__, "--measure-load", str(folder), "--device", str(device),
+                               "--dtype", str(dtype).removeprefix("torch.")], capture_output=True, text=True)
+        if load.returncode:
+            raise SystemExit(load.stderr)
+        load = json.loads(load.stdout)
+        print(f"loading: {load['seconds']:.1f}s, peak host RAM {load['peak_bytes'] / 2**30:.2f} GiB "
+              f"= {load['peak_bytes'] / ckpt_bytes:.2f}x the checkpoint on disk")
+
+        ours = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
+        config = ours.model.config
+        lengths = [len(ids) for ids in ours.tokenize(texts, max_length=args.max_length)]
+        real = sum(lengths)
+        print(f"texts: {len(texts)}, real tokens {real}, median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}")
+        peak = matmul_peak(device, dtype)
+        print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+              f"{str(dtype).removeprefix('torch.')} matmul peak {peak / 1e9:.0f} GFLOP/s, torch {torch.__version__}")
+        flops = sum(flops_per_text(config, n) for n in lengths)
+
+        def padded_tokens(order, batch_size):  # rows a padded batch computes, over real tokens
+            return sum(len(b) * max(lengths[i] for i in b) for b in
+                       (order[s:s + batch_size] for s in range(0, len(order), batch_size))) / real
+
+        encode = lambda bs, mbt: ours.encode(texts, batch_size=bs, max_length=args.max_length, progress=False,
+                                             max_batch_tokens=mbt)
+        encode(args.batch_size, args.max_batch_tokens)  # warm-up (and CUDA kernel selection)
+        runs = [dict(timed("ours", lambda: encode(args.batch_size, args.max_batch_tokens), device), padding=1.0)]
+        if device.type == "cuda":
+            for bs in args.extra_batch_sizes:
+                runs.append(dict(timed(f"ours bs={bs}", lambda: encode(bs, 1 << 30), device), padding=1.0))
+
+        if not args.ours_only:
+            import transformers
+            from sentence_transformers import SentenceTransformer
+            tok = transformers.AutoTokenizer.from_pretrained(folder)
+            ref = transformers.AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+            @torch.inference_mode()
+            def naive(batch_size=args.batch_size):  # the model card's recipe, in input order
+                out = []
+                for s in range(0, len(texts), batch_size):
+                    b = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=args.max_length,
+                            return_tensors="pt").to(device)
+                    out.append(F.normalize(ref(**b).last_hidden_state[:, -1].float(), dim=-1))
+                return torch.cat(out)
+
+            naive(4)
+            runs.append(dict(timed("transformers (naive)", naive, device),
+                             padding=padded_tokens(list(range(len(texts))), args.batch_size)))
+            del ref
+            st = SentenceTransformer(str(folder), device=str(device), model_kwargs={"dtype": dtype})
+            st.max_seq_length = args.max_length
+            st.encode(texts[:4])
+            by_length = sorted(range(len(texts)), key=lambda i: -lengths[i])
+            for bs in [args.batch_size] + (args.extra_batch_sizes if device.type == "cuda" else []):
+                runs.append(dict(timed(f"sentence-transformers bs={bs}",
+                                       lambda: st.encode(texts, batch_size=bs, convert_to_tensor=True), device),
+                                 padding=padded_tokens(by_length, bs)))
+
+        print(f"\n{'method':30s} {'texts/s':>9s} {'real tok/s':>11s} {'pad/real':>9s} {'peak MiB':>9s} "
+              f"{'MFU':>6s} {'max|diff|':>10s} {'ours/this':>10s}")
+        base = runs[0]
+        for r in runs:
+            tps = real / r["seconds"]
+            diff = (r["vectors"] - base["vectors"]).abs().max().item()
+            print(f"{r['name']:30s} {len(texts) / r['seconds']:9.1f} {tps:11.0f} {r['padding']:9.2f} "
+                  f"{r['peak_bytes'] / 2**20:9.0f} {flops / r['seconds'] / peak:6.1%} {diff:10.2e} "
+                  f"{r['seconds'] / base['seconds']:10.2f}x")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure_load(folder, device, dtype):
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
+        seconds = time.perf_counter() - t
+    print(json.dumps({"seconds": seconds, "peak_bytes": mem.delta}))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the real model (default: all)")
+    p.add_argument("--texts", type=int, default=384)
+    p.add_argument("--batch-size", type=int, default=32, help="texts per batch, ours and the references'")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="our token budget per batch")
+    p.add_argument("--extra-batch-sizes", type=int, nargs="*", default=[128, 512], help="also tried on CUDA")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--ours-only", action="store_true", help="skip the reference stack")
+    p.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.measure_load:
+        measure_load(a.measure_load, *pick_device_dtype(a.device, a.dtype))
+    else:
+        main(a)
