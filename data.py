@@ -10,12 +10,24 @@ import os
 import random
 import shutil
 import string
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 # The MAP format: the question, the multiple-choice answer the student picked, their explanation.
 MAP_TEMPLATE = "Question: {QuestionText}\nAnswer: {MC_Answer}\nStudent explanation: {StudentExplanation}"
+
+
+def cli(main, parse_args, argv=None):
+    """Run a script's main: bad input ends in one line on stderr and a non-zero exit, not a traceback."""
+    try:
+        return main(parse_args(argv))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: finished embedding chunks are cached; run again to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 def read_csv(path):

@@ -8,12 +8,11 @@ through the same cache as train.py, so evaluating on training data costs no forw
 
 import argparse
 import csv
-import sys
 
 import torch
 
 import embed_cache
-from data import atomic_path, check_ids, labels_of, read_csv, render, require_columns, template_fields
+from data import atomic_path, check_ids, cli, labels_of, read_csv, render, require_columns, template_fields
 from mlp_head import load_checkpoint, predict_proba
 
 
@@ -54,7 +53,7 @@ def main(args):
     vectors = embed_cache.embed(texts, spec["model"], instruction=spec["instruction"], max_length=spec["max_length"],
                                 pooling=spec["pooling"], dim=spec["dim"], layers=(spec["layer"],),
                                 device=args.device, dtype=spec["dtype"], batch_size=args.batch_size,
-                                cache_dir=args.cache_dir, progress=not args.quiet,
+                                cache_dir=args.cache_dir, chunk_size=args.cache_chunk, progress=not args.quiet,
                                 ids=[row[spec["id_col"]] for row in rows])[spec["layer"]]
     probs = predict_proba(heads, vectors)
     predictions = top_k(probs, labels)
@@ -82,14 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (at most)")
     p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared with train.py")
+    p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: finished embedding chunks are cached, run again to resume")
+    cli(main, parse_args)

@@ -334,7 +334,11 @@ class Qwen3Embedder:
             raise ValueError(f"max_length must be >= 2 (one text token and EOS), got {max_length}")
         if instruction is not None:  # exactly the official Qwen3-Embedding query format
             texts = [f"Instruct: {instruction}\nQuery:{t}" for t in texts]
-        encoded = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        try:
+            encoded = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:  # the only str the tokenizer rejects: a lone surrogate, not valid Unicode text
+            bad = [i for i, t in enumerate(texts) if not t.encode("utf-8", "ignore").decode() == t]
+            raise ValueError(f"texts {bad[:20]} are not valid Unicode (lone surrogates)") from None
         return [e.ids[: max_length - 1] + [self.eos_id] for e in encoded]
 
     def batches(self, ids, batch_size, max_batch_tokens):

@@ -13,14 +13,13 @@ import io
 import json
 import math
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 import embed_cache
-from data import MAP_TEMPLATE, check_ids, kfold, labels_of, read_csv, render, require_columns, split, template_fields
+from data import MAP_TEMPLATE, check_ids, cli, kfold, labels_of, read_csv, render, require_columns, split, template_fields
 from evaluate import map_at_k, top_k
 from mlp_head import ACTIVATIONS, MLPHead, predict_proba, save_checkpoint
 
@@ -121,7 +120,7 @@ def main(args, log=print):
     t0 = time.time()
     x = embed_cache.embed(texts, args.model, instruction=args.instruction, max_length=args.max_length,
                           pooling=args.pooling, dim=args.dim, layers=(args.layer,), device=args.device,
-                          dtype=args.dtype, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                          dtype=args.dtype, batch_size=args.batch_size, cache_dir=args.cache_dir, chunk_size=args.cache_chunk,
                           progress=not args.quiet, log=log, ids=[row[args.id_col] for row in rows])[args.layer]
     log(f"embeddings: {tuple(x.shape)} in {time.time() - t0:.1f}s")
 
@@ -186,8 +185,10 @@ def parse_args(argv=None):
     e.add_argument("--pooling", choices=["last", "mean"], default="last", help="last (EOS) token or mean of tokens")
     e.add_argument("--layer", type=int, default=None, help="pool this layer's raw hidden state (default: final normed output)")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    e.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU (float16 is refused: Qwen3 overflows it)")
     e.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared with evaluate.py")
+    e.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes (a kill loses at most one chunk)")
     h = p.add_argument_group("head and training")
     h.add_argument("--hidden", type=int, nargs=2, default=[1024, 512], metavar=("H1", "H2"), help="hidden layer sizes")
     h.add_argument("--dropout", type=float, default=0.2)
@@ -206,9 +207,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: finished embedding chunks are cached, run again to resume")
+    cli(main, parse_args)

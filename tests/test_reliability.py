@@ -1,0 +1,258 @@
+"""Bad input, interruptions, corrupt caches, NaN, no pickle, and property-based tests."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import embed_cache
+import evaluate
+import train
+from data import read_csv, render
+from test_pipeline import write_csv
+
+ROOT = Path(__file__).parent.parent
+
+
+def cli_error(script, argv):
+    """Run a script's command line in-process; return its one-line error (and check it is one)."""
+    with pytest.raises(SystemExit) as e:
+        script.cli(script.main, script.parse_args, argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
+    return message
+
+
+@pytest.fixture()
+def run(tmp_path, tiny):
+    """Train args on a good CSV and the tiny checkpoint, writing nothing outside tmp_path."""
+    data = write_csv(tmp_path / "train.csv")
+    return ["--data", str(data), "--model", str(tiny), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+            "--hidden", "8", "8", "--quiet", "--out", str(tmp_path / "out")]
+
+
+def replace(argv, flag, value):
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such CSV file"),
+    (b"", "empty file"),
+    (b"row_id,QuestionText,Category,Misconception\n", "no data rows"),
+    ("row_id,Text\n1,caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    (b"row_id,StudentExplanation,Category,Misconception\n1,a,b\n", "line 2: 3 fields, the header has 4"),
+])
+def test_bad_csv_files(tmp_path, run, content, message):
+    path = tmp_path / "bad.csv"
+    if content is not None:
+        path.write_bytes(content)
+    assert message in cli_error(train, replace(run, "--data", str(path)))
+    assert str(path) in cli_error(train, replace(run, "--data", str(path)))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--label-cols", "Category,Nope", r"--label-cols names column\(s\) \['Nope'\] that the CSV lacks; it has \['row_id'"),
+    ("--id-col", "id", r"--id-col names column\(s\) \['id'\]"),
+    ("--group-col", "Question", r"--group-col names column\(s\) \['Question'\]"),
+    ("--text-template", "{QuestionText} {Missing}", r"--text-template names column\(s\) \['Missing'\]"),
+    ("--text-template", "{QuestionText.__class__}", "must be a plain column name"),
+    ("--dim", "0", "--dim must be positive"),
+    ("--dim", "65", "--dim must be between 1 and the model's hidden size 64"),
+    ("--max-length", "1", "--max-length must be at least 2"),
+    ("--device", "tpu", "unknown device 'tpu'"),
+    ("--dtype", "float16", "float16 is not supported"),
+    ("--folds", "1", "--folds must be 0"),
+])
+def test_bad_flags(tmp_path, run, flag, value, message):
+    argv = replace(run, flag, value) if flag in run else run + [flag, value]
+    assert re.search(message, cli_error(train, argv))
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_ids_and_empty_texts(tmp_path, run):
+    data = tmp_path / "dupes.csv"
+    data.write_text("row_id,QuestionText,MC_Answer,StudentExplanation,Category,Misconception\n"
+                    "1,q,a,e,True_Correct,NA\n2,q,a,e,True_Correct,NA\n1,q,a,e,True_Correct,NA\n")
+    assert "duplicate row_id values ['1']" in cli_error(train, replace(run, "--data", str(data)))
+    # Empty texts are embedded (EOS alone still gives a finite vector), with a warning naming the rows.
+    data.write_text("row_id,StudentExplanation,Category,Misconception\n" +
+                    "".join(f"{i},{'' if i < 2 else 'text ' * i},C{i % 2},NA\n" for i in range(8)))
+    logs = []
+    argv = replace(run, "--data", str(data)) + ["--text-template", "{StudentExplanation}"]
+    train.main(train.parse_args(argv), log=logs.append)
+    assert any("2 rows render to an empty text" in line and "['0', '1']" in line for line in logs)
+
+
+def test_broken_checkpoints(tmp_path, run, tiny):
+    model = shutil.copytree(tiny, tmp_path / "model")
+    argv = replace(run, "--model", str(model))
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    assert "model_type is 'llama', only 'qwen3' is supported" in cli_error(train, argv)
+    (model / "config.json").write_text(json.dumps(cfg))
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[:1000])
+    assert "model.safetensors: not a readable safetensors file" in cli_error(train, argv)
+    (model / "tokenizer.json").unlink()
+    assert "tokenizer.json: missing from the model directory" in cli_error(train, argv)
+    assert "not a model directory" in cli_error(train, replace(run, "--model", str(tmp_path / "absent")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_head_checkpoint_and_unseen_labels(tmp_path, run, capsys):
+    train.main(train.parse_args(run), log=lambda *_: None)
+    test = tmp_path / "test.csv"
+    rows = read_csv(write_csv(tmp_path / "t.csv", n=8))[1]
+    rows[0]["Misconception"] = "Never_seen"
+    with open(test, "w", newline="") as f:
+        import csv
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    argv = ["--checkpoint", str(tmp_path / "out"), "--data", str(test), "--cache-dir", str(tmp_path / "cache"),
+            "--quiet", "--out", str(tmp_path / "sub.csv")]
+    res = evaluate.main(evaluate.parse_args(argv))
+    assert "1 labels never seen in training count as misses" in capsys.readouterr().out
+    assert all("Never_seen" not in p for p in res["predictions"][0])  # still predicted, from known labels
+    (tmp_path / "out" / "head.safetensors").unlink()
+    os.remove(tmp_path / "sub.csv")
+    assert "head.safetensors: missing from the checkpoint" in cli_error(evaluate, argv)
+    assert "not a checkpoint (no meta.json)" in cli_error(evaluate, replace(argv, "--checkpoint", str(tmp_path)))
+    assert not (tmp_path / "sub.csv").exists()
+
+
+# ----------------------------------------------------------------------------- nothing lost
+
+def embedded(log):
+    """(cached, computed) from embed_cache's log line."""
+    m = re.search(r"(\d+) cached, computing (\d+)", log)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def start_and_stop(argv, cache, sig, min_chunks):
+    """Start train.py, send sig once min_chunks cache chunks exist; return its stderr and exit code."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while len(list(cache.glob("*/chunk-*.safetensors"))) < min_chunks and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return out, err, proc.returncode
+
+
+def test_killed_run_resumes_with_fewer_forward_passes(tmp_path, tiny):
+    data = write_csv(tmp_path / "big.csv", n=3000)
+    cache = tmp_path / "cache"
+    argv = ["--data", str(data), "--model", str(tiny), "--cache-dir", str(cache), "--cache-chunk", "100",
+            "--epochs", "1", "--hidden", "8", "8", "--quiet"]
+    out, err, code = start_and_stop(argv, cache, signal.SIGINT, 1)  # Ctrl-C
+    assert code == 130 and "interrupted" in err and "Traceback" not in err, err
+    out, err, code = start_and_stop(argv, cache, signal.SIGKILL, len(list(cache.glob("*/chunk-*"))) + 2)
+    assert code == -signal.SIGKILL
+    n_chunks = len(list(cache.glob("*/chunk-*.safetensors")))
+    texts = render(train.MAP_TEMPLATE, read_csv(data)[1])
+    distinct = len(set(texts))
+    logs = []
+    resumed = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=cache, chunk_size=100,
+                                progress=False, log=logs.append)[None]
+    cached, computed = embedded(logs[0])
+    assert n_chunks >= 3 and computed == distinct - 100 * n_chunks > 0  # only what the killed runs lacked
+    fresh = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=tmp_path / "fresh", progress=False,
+                              log=lambda *_: None)[None]
+    assert torch.allclose(resumed, fresh, atol=1e-5)
+    assert not list(cache.glob("*/chunk-*[!s]"))  # only complete .safetensors chunks under their real names
+
+
+def test_corrupt_cache_chunks_are_recomputed(tmp_path, tiny):
+    texts = [f"text number {i}" for i in range(30)]
+    kw = dict(cache_dir=tmp_path / "c", chunk_size=10, progress=False)
+    first = embed_cache.embed(texts, str(tiny), log=lambda *_: None, **kw)[None]
+    chunks = sorted(tmp_path.glob("c/*/chunk-*.safetensors"))
+    assert len(chunks) == 3
+    chunks[0].write_bytes(chunks[0].read_bytes()[:100])           # truncated
+    t = load_file(chunks[1])
+    save_file({"keys": t["keys"], "vectors": t["vectors"][:, :5].contiguous()}, str(chunks[1]))  # wrong shape
+    logs = []
+    again = embed_cache.embed(texts, str(tiny), log=logs.append, **kw)[None]
+    assert embedded(logs[0]) == (10, 20)
+    assert torch.allclose(first, again, atol=1e-6)
+
+
+def test_nan_vectors_are_reported_and_never_cached(tmp_path, tiny):
+    model = shutil.copytree(tiny, tmp_path / "model")
+    weights = load_file(model / "model.safetensors")
+    from tokenizers import Tokenizer
+    poisoned = Tokenizer.from_file(str(model / "tokenizer.json")).token_to_id("Z")
+    weights["embed_tokens.weight"][poisoned] = float("nan")
+    save_file(weights, str(model / "model.safetensors"))
+    texts = ["fine", "also fine", "Z", "fine again"]
+    with pytest.raises(FloatingPointError, match=r"rows \['c'\]; nothing of them was cached"):
+        embed_cache.embed(texts, str(model), cache_dir=tmp_path / "c", progress=False, ids=list("abcd"),
+                          log=lambda *_: None)
+    assert not list(tmp_path.glob("c/*/chunk-*"))
+
+
+# ----------------------------------------------------------------------------- safety
+
+def test_no_pickle_and_no_remote_code_in_the_product():
+    for file in ROOT.glob("*.py"):
+        source = file.read_text()
+        for forbidden in (r"torch\.load", r"import pickle|pickle\.load", r"trust_remote_code", r"np\.load", r"numpy\.load",
+                          r"(?<![.\w])eval\(", r"(?<![.\w])exec\("):
+            assert not re.search(forbidden, source), f"{file.name} uses {forbidden}"
+
+
+# ----------------------------------------------------------------------------- properties
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)  # a UTF-8 file holds no surrogates
+CELL = st.one_of(TEXT, st.sampled_from(["", "NA", '"', ",", "\n", "\r\n", "\x00", "  ", "\ufeff"]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(CELL, CELL), min_size=1, max_size=8))
+def test_csv_round_trip_and_render(tmp_path_factory, cells):
+    import csv
+    path = tmp_path_factory.mktemp("csv") / "r.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["row_id", "A", "B"])
+        w.writerows([i, a, b] for i, (a, b) in enumerate(cells))
+    columns, rows = read_csv(path)
+    assert columns == ["row_id", "A", "B"]
+    assert [(r["A"], r["B"]) for r in rows] == list(cells)
+    assert render("{B}|{A}", rows) == [f"{b}|{a}" for a, b in cells]
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny):
+    from qwen_embed import Qwen3Embedder
+    return Qwen3Embedder.from_pretrained(tiny)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(TEXT, st.just(""), st.text(max_size=3).map(lambda s: s * 2000)), min_size=1, max_size=5),
+       st.integers(2, 64))
+def test_tokenize_and_embed_never_crash_and_stay_aligned(embedder, texts, max_length):
+    eos = embedder.eos_id
+    for ids in embedder.tokenize(texts, max_length=max_length):
+        assert 1 <= len(ids) <= max_length and ids[-1] == eos
+    vecs = embedder.encode(texts, max_length=max_length, batch_size=2, progress=False)
+    assert vecs.shape == (len(texts), embedder.dim) and torch.isfinite(vecs).all()
+    for i in {0, len(texts) - 1}:  # each row is its own text's vector
+        assert torch.allclose(vecs[i], embedder.encode([texts[i]], max_length=max_length, progress=False)[0], atol=1e-5)
