@@ -12,11 +12,12 @@ import shutil
 import string
 import sys
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 # The MAP format: the question, the multiple-choice answer the student picked, their explanation.
 MAP_TEMPLATE = "Question: {QuestionText}\nAnswer: {MC_Answer}\nStudent explanation: {StudentExplanation}"
+CORRECT_SUFFIX = "\nIs the answer correct? {AnswerIsCorrect}"  # train.py --map-correct
 
 
 def cli(main, parse_args, argv=None):
@@ -94,6 +95,21 @@ def check_ids(path, rows, id_col):
         seen.add(row[id_col])
     if dupes:
         raise ValueError(f"{path}: duplicate {id_col} values {sorted(set(dupes))[:10]}")
+
+
+def map_correct_answers(rows):
+    """MAP format: {QuestionId: its correct answer}, the MC_Answer most often chosen by rows whose
+    Category starts with True_ (ties: the first seen). Training data only: it needs the labels."""
+    counts = defaultdict(Counter)
+    for row in rows:
+        if row["Category"].startswith("True_"):
+            counts[row["QuestionId"]][row["MC_Answer"]] += 1
+    return {q: c.most_common(1)[0][0] for q, c in counts.items()}
+
+
+def add_answer_is_correct(rows, correct):
+    for row in rows:
+        row["AnswerIsCorrect"] = "yes" if correct.get(row["QuestionId"]) == row["MC_Answer"] else "no"
 
 
 def labels_of(rows, label_cols):

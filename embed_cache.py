@@ -19,7 +19,7 @@ from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
 from data import atomic_path
-from qwen_embed import NonFiniteError, Qwen3Embedder, pick_device_dtype, resolve_model_dir
+from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, pick_device_dtype, resolve_model_dir
 
 MIB = 1 << 20
 
@@ -94,9 +94,14 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
     for needed in ("config.json", "tokenizer.json"):
         if not (folder / needed).is_file():
             raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
-    hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+    config = Qwen3Config.from_json(folder / "config.json")
+    hidden, n = config.hidden_size, config.num_hidden_layers
     if dim is not None and not 1 <= dim <= hidden:
         raise ValueError(f"--dim must be between 1 and the model's hidden size {hidden}, got {dim}")
+    if any(layer is not None and not -n - 1 <= layer <= n for layer in layers):
+        raise ValueError(f"--layer must be between {-n - 1} and {n} for this {n}-layer model, got {layers}")
+    wanted = layers
+    layers = [None if layer is None else layer % (n + 1) for layer in layers]  # -1 and n share a cache entry
     identity = checkpoint_identity(folder)
     caches = {layer: Cache(cache_dir, {"checkpoint": identity, "model": str(model), "instruction": instruction,
                                        "max_length": max_length, "pooling": pooling, "dim": dim,
@@ -134,4 +139,4 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
                     cache.save(keys[chunk], out[layer])  # saved as soon as computed: nothing lost on a kill
                     found[layer].update(zip((key_bytes[i] for i in chunk), out[layer]))
                 bar.update(len(chunk))
-    return {layer: torch.stack([found[layer][k] for k in key_bytes]) for layer in layers}
+    return {w: torch.stack([found[layer][k] for k in key_bytes]) for w, layer in zip(wanted, layers)}

@@ -12,7 +12,7 @@ import csv
 import torch
 
 import embed_cache
-from data import atomic_path, check_ids, cli, labels_of, read_csv, render, require_columns, template_fields
+from data import add_answer_is_correct, atomic_path, check_ids, cli, labels_of, read_csv, render, require_columns, template_fields
 from mlp_head import load_checkpoint, predict_proba
 
 
@@ -47,6 +47,10 @@ def main(args):
     spec, labels = meta["embedding"], meta["labels"]
     columns, rows = read_csv(args.data)
     require_columns(args.data, columns, [spec["id_col"]], "the checkpoint's id column")
+    if spec.get("correct_answers") is not None:  # trained with --map-correct: the answers it learned
+        require_columns(args.data, columns, ["QuestionId", "MC_Answer"], "the checkpoint's --map-correct")
+        add_answer_is_correct(rows, spec["correct_answers"])
+        columns = columns + ["AnswerIsCorrect"]
     require_columns(args.data, columns, template_fields(spec["text_template"]), "the checkpoint's --text-template")
     check_ids(args.data, rows, spec["id_col"])
     texts = render(spec["text_template"], rows)

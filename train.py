@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import random
 import statistics
 import time
 
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 import embed_cache
-from data import MAP_TEMPLATE, check_ids, cli, kfold, labels_of, read_csv, render, require_columns, split, template_fields
+from data import (CORRECT_SUFFIX, MAP_TEMPLATE, add_answer_is_correct, check_ids, cli, kfold, labels_of,
+                  map_correct_answers, read_csv, render, require_columns, split, template_fields)
 from evaluate import map_at_k, top_k
 from mlp_head import ACTIVATIONS, MLPHead, predict_proba, save_checkpoint
+from qwen_embed import Qwen3Config, resolve_model_dir
 
 
 def get_lr(step, total_steps, warmup_steps, max_lr):
@@ -86,7 +89,7 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, log=print, tag=""):
     return head.eval(), best
 
 
-def main(args, log=print):
+def check_flags(args):
     if args.max_length < 2:
         raise ValueError(f"--max-length must be at least 2 (one text token and EOS), got {args.max_length}")
     if args.dim is not None and args.dim < 1:
@@ -95,55 +98,140 @@ def main(args, log=print):
         raise ValueError(f"--val-frac must be in [0, 1), got {args.val_frac}")
     if args.folds == 1 or args.folds < 0:
         raise ValueError(f"--folds must be 0 (one split by --val-frac) or at least 2, got {args.folds}")
-    if args.epochs < 1 or args.head_batch_size < 1 or args.batch_size < 1:
-        raise ValueError("--epochs, --head-batch-size and --batch-size must be positive")
-    label_cols = args.label_cols.split(",")
+    if args.epochs < 1 or args.head_batch_size < 1 or args.batch_size < 1 or args.sweep < 0:
+        raise ValueError("--epochs, --head-batch-size and --batch-size must be positive, --sweep not negative")
+    if (args.sweep or args.layer_sweep or args.compare_pooling) and args.folds:
+        raise ValueError("--sweep, --layer-sweep and --compare-pooling use one split: drop --folds")
+
+
+def load_rows(args, log):
+    """The CSV, checked against the flags -> rows, texts to embed, label strings."""
     columns, rows = read_csv(args.data)
     require_columns(args.data, columns, [args.id_col], "--id-col")
-    require_columns(args.data, columns, label_cols, "--label-cols")
-    require_columns(args.data, columns, template_fields(args.text_template), "--text-template")
+    require_columns(args.data, columns, args.label_cols.split(","), "--label-cols")
     if args.group_col:
         require_columns(args.data, columns, [args.group_col], "--group-col")
+    if args.map_correct:
+        require_columns(args.data, columns, ["QuestionId", "MC_Answer", "Category"], "--map-correct")
+        args.correct_answers = map_correct_answers(rows)
+        add_answer_is_correct(rows, args.correct_answers)
+        columns = columns + ["AnswerIsCorrect"]
+        if "{AnswerIsCorrect}" not in args.text_template:
+            args.text_template += CORRECT_SUFFIX
+    require_columns(args.data, columns, template_fields(args.text_template), "--text-template")
     check_ids(args.data, rows, args.id_col)
     texts = render(args.text_template, rows)
     empty = [row[args.id_col] for row, t in zip(rows, texts) if not t.strip()]
     if empty:  # embedded all the same (EOS alone still gives a vector), but worth knowing
         log(f"warning: {len(empty)} rows render to an empty text, e.g. {args.id_col} {empty[:5]}")
-    truth = labels_of(rows, label_cols)
+    truth = labels_of(rows, args.label_cols.split(","))
+    log(f"{args.data}: {len(rows)} rows, {len(set(truth))} labels")
+    return rows, texts, truth
+
+
+def embed_rows(args, texts, rows, log, pooling=None, layers=None):
+    """{layer: (rows, D) vectors} through the cache; layers default to (args.layer,)."""
+    t0 = time.time()
+    out = embed_cache.embed(texts, args.model, instruction=args.instruction, max_length=args.max_length,
+                            pooling=pooling or args.pooling, dim=args.dim, layers=layers or (args.layer,),
+                            device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                            cache_dir=args.cache_dir, chunk_size=args.cache_chunk, progress=not args.quiet,
+                            log=log, ids=[row[args.id_col] for row in rows])
+    log(f"embeddings: {len(out)} x {tuple(next(iter(out.values())).shape)} in {time.time() - t0:.1f}s")
+    return out
+
+
+def cross_validate(x, y, truth, labels, args, groups, log, quiet=False):
+    """K heads, each validated on its held-out fold -> (heads, out-of-fold probabilities, results)."""
+    fold = torch.tensor(kfold(truth, args.folds, groups, args.seed))
+    heads, oof, maps = [], torch.zeros(len(y), len(labels)), []
+    for k in range(args.folds):
+        tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
+        head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, (lambda *_: None) if quiet else log,
+                                tag=f"fold {k}  ")
+        heads.append(head)
+        oof[va] = best["probs"]
+        maps.append(best["map3"])
+    kind = f"grouped by {args.group_col}" if groups else "stratified"
+    res = {"fold_map3": maps, "map3_mean": statistics.mean(maps), "map3_std": statistics.stdev(maps),
+           "oof_map3": map_at_k(truth, top_k(oof, labels)), "cv": kind}
+    log(f"{args.folds}-fold MAP@3 {res['map3_mean']:.4f} ± {res['map3_std']:.4f}, "
+        f"out-of-fold MAP@3 {res['oof_map3']:.4f} ({kind})")
+    return heads, oof, res
+
+
+def sample_head_config(rng):
+    """One random head configuration for --sweep."""
+    return {"hidden": rng.choice([[256, 128], [512, 256], [1024, 512], [2048, 1024]]),
+            "dropout": rng.choice([0.0, 0.1, 0.2, 0.3, 0.5]), "lr": 10 ** rng.uniform(-4, -2.5),
+            "weight_decay": rng.choice([0.0, 1e-4, 1e-2, 0.1]), "label_smoothing": rng.choice([0.0, 0.05, 0.1]),
+            "epochs": rng.choice([10, 20, 30, 50])}
+
+
+def print_table(log, header, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    for line in [header] + rows:
+        log("  ".join(str(v).rjust(w) for v, w in zip(line, widths)))
+
+
+def main(args, log=print):
+    check_flags(args)
+    rows, texts, truth = load_rows(args, log)
     labels = sorted(set(truth))
     index = {label: i for i, label in enumerate(labels)}
     y = torch.tensor([index[t] for t in truth])
-    log(f"{args.data}: {len(rows)} rows, {len(labels)} labels")
-
-    spec = {"model": args.model, "instruction": args.instruction, "max_length": args.max_length,
-            "pooling": args.pooling, "dim": args.dim, "layer": args.layer, "dtype": args.dtype}
-    t0 = time.time()
-    x = embed_cache.embed(texts, args.model, instruction=args.instruction, max_length=args.max_length,
-                          pooling=args.pooling, dim=args.dim, layers=(args.layer,), device=args.device,
-                          dtype=args.dtype, batch_size=args.batch_size, cache_dir=args.cache_dir, chunk_size=args.cache_chunk,
-                          progress=not args.quiet, log=log, ids=[row[args.id_col] for row in rows])[args.layer]
-    log(f"embeddings: {tuple(x.shape)} in {time.time() - t0:.1f}s")
-
     groups = [row[args.group_col] for row in rows] if args.group_col else None
+    tr, va = (torch.tensor(i, dtype=torch.long) for i in split(truth, args.val_frac, groups, args.seed))
     results = {"n_labels": len(labels), "n_rows": len(rows)}
-    if args.folds:
-        fold = torch.tensor(kfold(truth, args.folds, groups, args.seed))
-        heads, oof, fold_maps = [], torch.zeros(len(rows), len(labels)), []
-        for k in range(args.folds):
-            tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
-            head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log, tag=f"fold {k}  ")
-            log(f"fold {k}: best epoch {best['epoch']}, val MAP@3 {best['map3']:.4f}")
-            heads.append(head)
-            oof[va] = best["probs"]
-            fold_maps.append(best["map3"])
-        val_idx, val_probs = torch.arange(len(rows)), oof
-        results.update(fold_map3=fold_maps, map3_mean=statistics.mean(fold_maps),
-                       map3_std=statistics.stdev(fold_maps), oof_map3=map_at_k(truth, top_k(oof, labels)))
-        log(f"{args.folds}-fold MAP@3 {results['map3_mean']:.4f} ± {results['map3_std']:.4f}, "
-            f"out-of-fold MAP@3 {results['oof_map3']:.4f} ({'grouped by ' + args.group_col if groups else 'stratified'})")
+    quiet = lambda *_: None  # noqa: E731  (sweeps print tables, not epochs)
+
+    if args.layer_sweep or args.compare_pooling:
+        # One forward pass per pooling pools every layer; each (pooling, layer) gets its own head.
+        n_layers = Qwen3Config.from_json(resolve_model_dir(args.model) / "config.json").num_hidden_layers
+        layers = [None] + list(range(n_layers + 1)) if args.layer_sweep else [args.layer]
+        table = []
+        for pooling in (["last", "mean"] if args.compare_pooling else [args.pooling]):
+            vectors = embed_rows(args, texts, rows, log, pooling=pooling, layers=layers)
+            for layer in layers:
+                t0 = time.time()
+                x = vectors[layer]
+                _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, quiet)
+                name = "final (normed)" if layer is None else str(layer)
+                table.append([pooling, name, f"{best['map3']:.4f}", f"{best['acc']:.4f}", best["epoch"],
+                              f"{time.time() - t0:.1f}s"])
+        print_table(log, ["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time"], table)
+        return {**results, "table": table}
+
+    x = embed_rows(args, texts, rows, log)[args.layer]
+    if args.sweep:
+        rng = random.Random(args.seed)
+        trials = []
+        for trial in range(args.sweep):
+            config = sample_head_config(rng)
+            t0 = time.time()
+            head, best = train_head(x[tr], y[tr], x[va], y[va], labels, argparse.Namespace(**{**vars(args), **config}), quiet)
+            trials.append((best["map3"], trial, config, head, best, time.time() - t0))
+            log(f"trial {trial:3d}: val MAP@3 {best['map3']:.4f}  {json.dumps(config)}  {time.time() - t0:.1f}s")
+        trials.sort(key=lambda t: (-t[0], t[1]))
+        print_table(log, ["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs", "time"],
+                    [[r + 1, t, f"{m:.4f}", "x".join(map(str, c["hidden"])), c["dropout"], f"{c['lr']:.2e}",
+                      c["weight_decay"], c["label_smoothing"], c["epochs"], f"{s:.1f}s"]
+                     for r, (m, t, c, _, _, s) in enumerate(trials)])
+        _, _, config, head, best, _ = trials[0]
+        vars(args).update(config)  # the checkpoint records the winning configuration
+        heads, val_idx, val_probs = [head], va, best["probs"]
+        results.update(best_trial=trials[0][1], val_map3=best["map3"], sweep=[[t[1], t[0], t[2]] for t in trials])
+    elif args.folds:
+        if groups is not None:  # the competition's test asks train's questions: stratified CV mimics it
+            saved = args.group_col
+            args.group_col = None
+            _, _, other = cross_validate(x, y, truth, labels, args, None, log, quiet=True)
+            args.group_col = saved
+            results["stratified"] = other
+        heads, val_probs, res = cross_validate(x, y, truth, labels, args, groups, log)
+        val_idx = torch.arange(len(rows))
+        results.update(res)
     else:
-        tr, va = split(truth, args.val_frac, groups, args.seed)
-        tr, va = torch.tensor(tr, dtype=torch.long), torch.tensor(va, dtype=torch.long)
         head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log)
         heads, val_idx, val_probs = [head], va, best["probs"]
         results.update(best_epoch=best["epoch"], val_map3=best["map3"], val_acc=best["acc"], val_loss=best["loss"])
@@ -152,11 +240,14 @@ def main(args, log=print):
                 f"({len(tr)} train / {len(va)} val rows{', grouped by ' + args.group_col if groups else ''})")
 
     if args.out:
-        embedding = {**spec, "text_template": args.text_template, "label_cols": label_cols, "id_col": args.id_col}
+        embedding = {"model": args.model, "instruction": args.instruction, "max_length": args.max_length,
+                     "pooling": args.pooling, "dim": args.dim, "layer": args.layer, "dtype": args.dtype,
+                     "text_template": args.text_template, "label_cols": args.label_cols.split(","),
+                     "id_col": args.id_col, "correct_answers": getattr(args, "correct_answers", None)}
         preds = top_k(val_probs, labels)
         table = io.StringIO()
         w = csv.writer(table)
-        w.writerow([args.id_col, "label", "top3"] + [f"p_{l}" for l in labels])
+        w.writerow([args.id_col, "label", "top3"] + [f"p_{label}" for label in labels])
         for i, p, pr in zip(val_idx.tolist(), preds, val_probs.tolist()):
             w.writerow([rows[i][args.id_col], truth[i], " ".join(p)] + [f"{v:.5f}" for v in pr])
         save_checkpoint(args.out, heads, labels, embedding, results,
@@ -175,7 +266,10 @@ def parse_args(argv=None):
     d.add_argument("--id-col", default="row_id", help="unique row id column")
     d.add_argument("--group-col", default=None, help="split by this column (e.g. QuestionId): no group in both train and val")
     d.add_argument("--val-frac", type=float, default=0.2, help="validation share (0: train on everything)")
-    d.add_argument("--folds", type=int, default=0, help="K-fold cross-validation with K heads saved (0: one split)")
+    d.add_argument("--folds", type=int, default=0, help="K-fold cross-validation with K heads saved (0: one split); "
+                   "with --group-col, stratified CV is reported too")
+    d.add_argument("--map-correct", action="store_true", help="MAP format only: add the column AnswerIsCorrect "
+                   "(yes/no: is MC_Answer the answer most chosen by True_ rows of its question?) to the template")
     e = p.add_argument_group("embedding")
     e.add_argument("--model", default="Qwen/Qwen3-Embedding-0.6B", help="Hub repo id or local checkpoint folder")
     e.add_argument("--instruction", default=None, help="Qwen3-Embedding instruction ('Instruct: ...\\nQuery:' prefix)")
@@ -183,7 +277,10 @@ def parse_args(argv=None):
     e.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (at most)")
     e.add_argument("--dim", type=int, default=None, help="keep the first DIM features (Matryoshka)")
     e.add_argument("--pooling", choices=["last", "mean"], default="last", help="last (EOS) token or mean of tokens")
-    e.add_argument("--layer", type=int, default=None, help="pool this layer's raw hidden state (default: final normed output)")
+    e.add_argument("--layer", type=int, default=None, help="pool this layer's raw hidden state, 0 = embeddings, "
+                   "negative from the end (default: the final normed output)")
+    e.add_argument("--layer-sweep", action="store_true", help="one forward pass, a head per layer, a table of val MAP@3")
+    e.add_argument("--compare-pooling", action="store_true", help="the same for last and mean pooling")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU (float16 is refused: Qwen3 overflows it)")
@@ -201,6 +298,7 @@ def parse_args(argv=None):
     h.add_argument("--label-smoothing", type=float, default=0.0)
     h.add_argument("--head-batch-size", type=int, default=64)
     h.add_argument("--seed", type=int, default=0, help="split, init and batch order")
+    h.add_argument("--sweep", type=int, default=0, help="try N random head configurations, rank them, save the best")
     h.add_argument("--out", default=None, help="checkpoint folder to write")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)

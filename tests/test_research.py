@@ -1,0 +1,103 @@
+"""Research flags: --layer-sweep, --compare-pooling, --sweep, fold ensembles, --map-correct."""
+
+import json
+
+import pytest
+import torch
+
+import embed_cache
+import evaluate
+import train
+from data import add_answer_is_correct, map_correct_answers
+from mlp_head import load_checkpoint, predict_proba
+from qwen_embed import Qwen3Embedder
+from test_pipeline import count_forward_passes, write_csv
+
+
+@pytest.fixture()
+def base(tmp_path, tiny):
+    data = write_csv(tmp_path / "train.csv")
+    return ["--data", str(data), "--model", str(tiny), "--cache-dir", str(tmp_path / "cache"), "--epochs", "2",
+            "--hidden", "16", "8", "--quiet"]
+
+
+def test_layer_sweep_one_row_per_layer_one_pass_per_pooling(base, tiny, monkeypatch):
+    calls = count_forward_passes(monkeypatch)
+    logs = []
+    res = train.main(train.parse_args(base + ["--layer-sweep", "--compare-pooling", "--batch-size", "64"]),
+                     log=logs.append)
+    n_layers = 3
+    assert [(r[0], r[1]) for r in res["table"]] == \
+        [(p, name) for p in ("last", "mean") for name in ["final (normed)"] + [str(i) for i in range(n_layers + 1)]]
+    assert len(calls) == 2  # 48 texts in one batch of 64: one forward pass per pooling, every layer pooled
+    assert all(0 <= float(r[2]) <= 1 for r in res["table"])
+    # The per-layer vectors are cached under their own keys: the plain run and a --layer run are free.
+    calls.clear()
+    train.main(train.parse_args(base), log=logs.append)
+    train.main(train.parse_args(base + ["--layer", "-2", "--pooling", "mean"]), log=logs.append)
+    assert not calls
+
+
+def test_layer_vectors_are_the_raw_hidden_states(tmp_path, tiny):
+    texts = ["a b c", "one third of the shape"]
+    model = Qwen3Embedder.from_pretrained(tiny)
+    expected = model.encode(texts, layers=[1], progress=False)[1]
+    got = embed_cache.embed(texts, str(tiny), layers=(None, 1), cache_dir=tmp_path, progress=False,
+                            log=lambda *_: None)
+    assert torch.allclose(got[1], expected, atol=1e-6)
+    assert torch.allclose(got[None], model.encode(texts, progress=False), atol=1e-6)
+
+
+def test_head_sweep_ranks_and_saves_the_best(tmp_path, base):
+    res = train.main(train.parse_args(base + ["--sweep", "5", "--out", str(tmp_path / "best")]),
+                     log=lambda *_: None)
+    scores = [s for _, s, _ in res["sweep"]]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+    best_trial, best_score, best_config = res["sweep"][0]
+    assert res["best_trial"] == best_trial and res["val_map3"] == best_score
+    heads, meta = load_checkpoint(tmp_path / "best")
+    assert meta["head"]["hidden"] == best_config["hidden"] and meta["head"]["dropout"] == best_config["dropout"]
+    assert json.loads((tmp_path / "best" / "args.json").read_text())["lr"] == best_config["lr"]
+    again = train.main(train.parse_args(base + ["--sweep", "5"]), log=lambda *_: None)
+    assert again["sweep"] == res["sweep"]  # fixed seed: the same trials, the same scores
+
+
+def test_fold_ensemble_evaluate_averages_heads(tmp_path, base, capsys):
+    res = train.main(train.parse_args(base + ["--folds", "3", "--group-col", "QuestionId", "--out",
+                                              str(tmp_path / "cv")]), log=lambda *_: None)
+    assert res["cv"] == "grouped by QuestionId" and res["stratified"]["cv"] == "stratified"
+    out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "cv"), "--data", base[1],
+                                             "--cache-dir", base[5], "--quiet"]))
+    heads, meta = load_checkpoint(tmp_path / "cv")
+    x = embed_cache.embed(evaluate.render(meta["embedding"]["text_template"], evaluate.read_csv(base[1])[1]),
+                          base[3], max_length=512, cache_dir=base[5], progress=False, log=lambda *_: None)[None]
+    each = [h(x).softmax(-1) for h in heads]
+    assert torch.allclose(out["probs"], sum(each) / 3, atol=1e-6)
+    assert not torch.allclose(each[0], each[1])  # the heads differ, so the mean is a real ensemble
+
+
+def test_map_correct_answers_hand_worked():
+    rows = [
+        {"QuestionId": "1", "MC_Answer": "A", "Category": "True_Correct"},
+        {"QuestionId": "1", "MC_Answer": "A", "Category": "True_Neither"},
+        {"QuestionId": "1", "MC_Answer": "B", "Category": "True_Misconception"},   # a mislabel: outvoted
+        {"QuestionId": "1", "MC_Answer": "B", "Category": "False_Misconception"},
+        {"QuestionId": "1", "MC_Answer": "C", "Category": "False_Neither"},
+        {"QuestionId": "2", "MC_Answer": "X", "Category": "True_Correct"},
+        {"QuestionId": "3", "MC_Answer": "Y", "Category": "False_Neither"},        # no True_ row
+    ]
+    correct = map_correct_answers(rows)
+    assert correct == {"1": "A", "2": "X"}
+    add_answer_is_correct(rows, correct)
+    assert [r["AnswerIsCorrect"] for r in rows] == ["yes", "yes", "no", "no", "no", "yes", "no"]
+
+
+def test_map_correct_flag_reaches_evaluation(tmp_path, base):
+    train.main(train.parse_args(base + ["--map-correct", "--out", str(tmp_path / "mc")]), log=lambda *_: None)
+    _, meta = load_checkpoint(tmp_path / "mc")
+    assert meta["embedding"]["text_template"].endswith("{AnswerIsCorrect}")
+    assert meta["embedding"]["correct_answers"]
+    test = write_csv(tmp_path / "test.csv", n=10, seed=3)
+    out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "mc"), "--data", str(test),
+                                             "--cache-dir", base[5], "--quiet"]))
+    assert len(out["predictions"]) == 10
