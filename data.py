@@ -21,7 +21,10 @@ CORRECT_SUFFIX = "\nIs the answer correct? {AnswerIsCorrect}"  # train.py --map-
 
 
 def cli(main, parse_args, argv=None):
-    """Run a script's main: bad input ends in one line on stderr and a non-zero exit, not a traceback."""
+    """Run a script's main: bad input ends in one line on stderr and a non-zero exit, not a traceback.
+    Under torchrun only rank 0 prints (errors still reach stderr from every rank)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = open(os.devnull, "w")
     try:
         return main(parse_args(argv))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -8,13 +8,19 @@ The spec hash covers everything that changes a vector: the checkpoint's identity
 the size and first and last MiB of each weights file), instruction, max_length, pooling, dim, dtype
 and layer; the text itself is the per-row key. Chunks are written to a temporary name and renamed,
 so a run killed at any moment leaves only complete chunks, and a rerun computes only what is missing.
+Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the ranks share the missing texts.
 """
 
+import atexit
 import hashlib
 import json
+import os
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
@@ -80,20 +86,50 @@ class Cache:
             save_file({"keys": keys.contiguous(), "vectors": vectors.contiguous()}, str(tmp))
 
 
+def distributed():
+    """(rank, world size, local rank) under torchrun, starting PyTorch's process group once;
+    (0, 1, 0) in a plain run. NCCL between GPUs, gloo between CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        # Ranks wait for each other at the end of embedding, which can take hours on one slow rank.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), world, local
+
+
+def balance(token_counts, world):
+    """Deal items to ranks, longest first, each to the rank with the fewest tokens so far."""
+    shares, totals = [[] for _ in range(world)], [0] * world
+    for i in sorted(range(len(token_counts)), key=lambda i: -token_counts[i]):
+        r = totals.index(min(totals))
+        shares[r].append(i)
+        totals[r] += token_counts[i]
+    return shares
+
+
 def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", dim=None, layers=(None,),
           device=None, dtype=None, batch_size=32, cache_dir=".cache/embeddings", chunk_size=1024,
           progress=True, log=print, ids=None):
     """Vectors for texts, from the cache where present, else computed and cached chunk by chunk.
-    ids: a name per text (row ids) for error messages.
 
     layers: which hidden states to pool: None = the final normed output, else layer indexes as in
     Qwen3Embedder.encode; one forward pass serves them all. Returns {layer: (len(texts), D) tensor}.
+    ids: a name per text (row ids) for error messages.
+    Under torchrun every rank embeds a share of the missing texts, balanced by tokens; rank 0 gets
+    the vectors, the other ranks get None once all chunks are written.
     """
+    rank, world, local = distributed()
     device, dtype = pick_device_dtype(device, dtype)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local)  # one GPU per process
+    if rank:  # logs and progress bars from rank 0 only
+        log, progress = (lambda *_: None), False
     folder = resolve_model_dir(model)
-    for needed in ("config.json", "tokenizer.json"):
-        if not (folder / needed).is_file():
-            raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
     config = Qwen3Config.from_json(folder / "config.json")
     hidden, n = config.hidden_size, config.num_hidden_layers
     if dim is not None and not 1 <= dim <= hidden:
@@ -110,28 +146,32 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
     keys = text_keys(texts)
     key_bytes = [bytes(k) for k in keys.numpy()]
     found = {layer: cache.load(dim or hidden) for layer, cache in caches.items()}
-    missing = sorted({i for i, k in enumerate(key_bytes) if any(k not in f for f in found.values())},
-                     key=lambda i: len(texts[i]))
-    todo, seen = [], set()  # one computation per distinct text
+    missing = [i for i, k in enumerate(key_bytes) if any(k not in f for f in found.values())]
+    first = {}  # one computation per distinct text
     for i in missing:
-        if key_bytes[i] not in seen:
-            seen.add(key_bytes[i])
-            todo.append(i)
+        first.setdefault(key_bytes[i], i)
+    todo = list(first.values())
+    if world > 1:
+        dist.barrier()  # every rank has read the same cache before any rank writes to it
     if not todo:
         log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
     else:
         log(f"embeddings: {len(texts) - len(missing)} cached, computing {len(todo)} with {model} "
-            f"on {device} in {str(dtype).removeprefix('torch.')}")
+            f"on {device} in {str(dtype).removeprefix('torch.')}" + (f", {world} processes" if world > 1 else ""))
         embedder = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
-        with tqdm(total=len(todo), desc="embedding", unit="text", disable=not progress) as bar:
-            for start in range(0, len(todo), chunk_size):
-                chunk = todo[start:start + chunk_size]
+        tokens = [len(t) for t in embedder.tokenize([texts[i] for i in todo], instruction, max_length)]
+        mine = balance(tokens, world)[rank] if world > 1 else range(len(todo))
+        t0 = time.time()
+        mine = sorted(mine, key=lambda j: tokens[j])  # similar lengths in a chunk: less padding in attention
+        with tqdm(total=len(mine), desc="embedding", unit="text", disable=not progress) as bar:
+            for start in range(0, len(mine), chunk_size):
+                chunk = [todo[j] for j in mine[start:start + chunk_size]]
                 try:
                     out = embedder.encode([texts[i] for i in chunk], instruction=instruction, batch_size=batch_size,
                                           max_length=max_length, dim=dim, pooling=pooling, progress=False,
                                           layers=list(layers))
                 except NonFiniteError as e:  # this chunk is not cached; name the rows, not chunk positions
-                    bad = [texts[chunk[j]] for j in e.indices]
+                    bad = {texts[chunk[j]] for j in e.indices}
                     rows = [ids[i] if ids else i for i, t in enumerate(texts) if t in bad]
                     raise FloatingPointError(f"NaN or Inf in the vectors of rows {rows[:20]}"
                                              f"{' ...' if len(rows) > 20 else ''}; nothing of them was cached") from None
@@ -139,4 +179,15 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
                     cache.save(keys[chunk], out[layer])  # saved as soon as computed: nothing lost on a kill
                     found[layer].update(zip((key_bytes[i] for i in chunk), out[layer]))
                 bar.update(len(chunk))
+        if world > 1:
+            summary = (rank, len(mine), sum(tokens[j] for j in mine), time.time() - t0)
+            every = [None] * world
+            dist.all_gather_object(every, summary)
+            for r, n_texts, n_tokens, seconds in every:
+                log(f"rank {r}: {n_texts} texts, {n_tokens} tokens, {seconds:.1f}s")
+    if world > 1:
+        dist.barrier()  # all chunks written
+        if rank:
+            return None
+        found = {layer: cache.load(dim or hidden) for layer, cache in caches.items()}
     return {w: torch.stack([found[layer][k] for k in key_bytes]) for w, layer in zip(wanted, layers)}

@@ -58,7 +58,10 @@ def main(args):
                                 pooling=spec["pooling"], dim=spec["dim"], layers=(spec["layer"],),
                                 device=args.device, dtype=spec["dtype"], batch_size=args.batch_size,
                                 cache_dir=args.cache_dir, chunk_size=args.cache_chunk, progress=not args.quiet,
-                                ids=[row[spec["id_col"]] for row in rows])[spec["layer"]]
+                                ids=[row[spec["id_col"]] for row in rows])
+    if vectors is None:  # a torchrun rank other than 0: its share is embedded and cached
+        return None
+    vectors = vectors[spec["layer"]]
     probs = predict_proba(heads, vectors)
     predictions = top_k(probs, labels)
     ids = [row[spec["id_col"]] for row in rows]

@@ -210,18 +210,21 @@ def resolve_model_dir(name_or_path, revision=None):
     Only config, tokenizer and safetensors files are fetched (never pickled weights or code);
     HF_HUB_OFFLINE=1 makes this read the cache alone.
     """
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path}: not a model directory")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(str(name_or_path), revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    except Exception as e:  # offline with an empty cache, unknown repo, no network, bad revision...
-        raise FileNotFoundError(f"{name_or_path}: not a local directory and not fetched from the "
-                                f"Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        if folder.exists() or str(name_or_path).startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{name_or_path}: not a model directory")
+        from huggingface_hub import snapshot_download
+        try:
+            folder = Path(snapshot_download(str(name_or_path), revision=revision,
+                                            allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        except Exception as e:  # offline with an empty cache, unknown repo, no network, bad revision...
+            raise FileNotFoundError(f"{name_or_path}: not a local directory and not fetched from the "
+                                    f"Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for needed in ("config.json", "tokenizer.json"):
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
+    return folder
 
 
 def load_weights(model, folder, device, dtype):
@@ -302,9 +305,6 @@ class Qwen3Embedder:
     def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None):
         device, dtype = pick_device_dtype(device, dtype)
         folder = resolve_model_dir(name_or_path, revision)
-        for needed in ("config.json", "tokenizer.json"):
-            if not (folder / needed).exists():
-                raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
         config = Qwen3Config.from_json(folder / "config.json")
         with torch.device("meta"):  # shapes only: no memory, no random init
             model = Qwen3Model(config)

@@ -137,7 +137,8 @@ def embed_rows(args, texts, rows, log, pooling=None, layers=None):
                             device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                             cache_dir=args.cache_dir, chunk_size=args.cache_chunk, progress=not args.quiet,
                             log=log, ids=[row[args.id_col] for row in rows])
-    log(f"embeddings: {len(out)} x {tuple(next(iter(out.values())).shape)} in {time.time() - t0:.1f}s")
+    if out is not None:  # None: a torchrun rank other than 0, whose work ends here
+        log(f"embeddings: {len(out)} x {tuple(next(iter(out.values())).shape)} in {time.time() - t0:.1f}s")
     return out
 
 
@@ -189,12 +190,15 @@ def main(args, log=print):
         # One forward pass per pooling pools every layer; each (pooling, layer) gets its own head.
         n_layers = Qwen3Config.from_json(resolve_model_dir(args.model) / "config.json").num_hidden_layers
         layers = [None] + list(range(n_layers + 1)) if args.layer_sweep else [args.layer]
+        poolings = ["last", "mean"] if args.compare_pooling else [args.pooling]
+        vectors = {p: embed_rows(args, texts, rows, log, pooling=p, layers=layers) for p in poolings}
+        if any(v is None for v in vectors.values()):
+            return None
         table = []
-        for pooling in (["last", "mean"] if args.compare_pooling else [args.pooling]):
-            vectors = embed_rows(args, texts, rows, log, pooling=pooling, layers=layers)
+        for pooling in poolings:
             for layer in layers:
                 t0 = time.time()
-                x = vectors[layer]
+                x = vectors[pooling][layer]
                 _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, quiet)
                 name = "final (normed)" if layer is None else str(layer)
                 table.append([pooling, name, f"{best['map3']:.4f}", f"{best['acc']:.4f}", best["epoch"],
@@ -202,7 +206,10 @@ def main(args, log=print):
         print_table(log, ["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time"], table)
         return {**results, "table": table}
 
-    x = embed_rows(args, texts, rows, log)[args.layer]
+    x = embed_rows(args, texts, rows, log)
+    if x is None:
+        return None
+    x = x[args.layer]
     if args.sweep:
         rng = random.Random(args.seed)
         trials = []

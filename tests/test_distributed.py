@@ -1,0 +1,84 @@
+"""torchrun: 2 CPU processes (gloo) give the single-process vectors and metrics; a killed rank resumes."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import embed_cache
+import train
+from data import read_csv, render
+from test_pipeline import write_csv
+
+ROOT = Path(__file__).parent.parent
+
+
+def torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py")] + args
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def vectors(data, tiny, cache):
+    texts = render(train.MAP_TEMPLATE, read_csv(data)[1])
+    logs = []
+    out = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=cache, progress=False, log=logs.append)
+    return out[None], logs
+
+
+def test_two_processes_equal_one(tmp_path, tiny):
+    data = write_csv(tmp_path / "train.csv", n=200)
+    args = ["--data", str(data), "--model", str(tiny), "--epochs", "3", "--hidden", "16", "8", "--quiet",
+            "--cache-chunk", "30"]
+    proc = torchrun(args + ["--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "two")])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.count("rows, ") == 1  # rank 0 alone logs
+    assert re.search(r"rank 0: \d+ texts, \d+ tokens", out) and re.search(r"rank 1: \d+ texts, \d+ tokens", out)
+    train.main(train.parse_args(args + ["--cache-dir", str(tmp_path / "c1"), "--out", str(tmp_path / "one")]),
+               log=lambda *_: None)
+    two, logs = vectors(data, tiny, tmp_path / "c2")
+    assert "no forward pass" in logs[0]  # every text was cached by one of the two ranks
+    one, _ = vectors(data, tiny, tmp_path / "c1")
+    assert (two - one).abs().max().item() <= 1e-5
+    meta_two = json.loads((tmp_path / "two" / "meta.json").read_text())
+    meta_one = json.loads((tmp_path / "one" / "meta.json").read_text())
+    for key in ("val_map3", "val_acc", "val_loss", "best_epoch"):
+        assert meta_two[key] == pytest.approx(meta_one[key], abs=1e-6), key
+
+
+def test_killed_rank_leaves_complete_chunks_and_resumes(tmp_path, tiny):
+    data = write_csv(tmp_path / "big.csv", n=3000)
+    cache = tmp_path / "cache"
+    args = ["--data", str(data), "--model", str(tiny), "--cache-dir", str(cache), "--cache-chunk", "50",
+            "--epochs", "1", "--hidden", "8", "8", "--quiet"]
+    proc = torchrun(args)
+    deadline = time.time() + 120
+    while len(list(cache.glob("*/chunk-*.safetensors"))) < 4:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
+        time.sleep(0.01)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun stops the other rank and fails
+    n_chunks = len(list(cache.glob("*/chunk-*.safetensors")))
+    distinct = len(set(render(train.MAP_TEMPLATE, read_csv(data)[1])))
+    assert 50 * n_chunks < distinct
+
+    proc = torchrun(args)  # rerun with any number of processes: only what is missing is computed
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    cached, computed = map(int, re.search(r"(\d+) cached, computing (\d+)", out).groups())
+    assert computed == distinct - 50 * n_chunks
+    resumed, _ = vectors(data, tiny, cache)
+    fresh, _ = vectors(data, tiny, tmp_path / "fresh")
+    assert torch.allclose(resumed, fresh, atol=1e-5)
