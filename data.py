@@ -51,7 +51,8 @@ def read_csv(path):
                 if not fields:  # a blank line
                     continue
                 if len(fields) != len(header):
-                    raise ValueError(f"{path}: line {reader.line_num}: {len(fields)} fields, the header has {len(header)}")
+                    raise ValueError(f"{path}: line {reader.line_num}: {len(fields)} fields, "
+                                     f"the header has {len(header)}")
                 rows.append(dict(zip(header, fields)))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from None

@@ -123,6 +123,8 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
     Under torchrun every rank embeds a share of the missing texts, balanced by tokens; rank 0 gets
     the vectors, the other ranks get None once all chunks are written.
     """
+    if chunk_size < 1 or batch_size < 1:
+        raise ValueError(f"--cache-chunk and --batch-size must be positive, got {chunk_size} and {batch_size}")
     rank, world, local = distributed()
     device, dtype = pick_device_dtype(device, dtype)
     if world > 1 and device.type == "cuda":

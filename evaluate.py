@@ -12,7 +12,8 @@ import csv
 import torch
 
 import embed_cache
-from data import add_answer_is_correct, atomic_path, check_ids, cli, labels_of, read_csv, render, require_columns, template_fields
+from data import (add_answer_is_correct, atomic_path, check_ids, cli, labels_of, read_csv, render, require_columns,
+                  template_fields)
 from mlp_head import load_checkpoint, predict_proba
 
 

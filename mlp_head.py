@@ -73,7 +73,8 @@ def load_checkpoint(folder):
         try:
             head.load_state_dict(load_file(folder / file))
         except Exception as e:
-            raise ValueError(f"{folder / file}: unreadable or does not match meta.json ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{folder / file}: unreadable or does not match meta.json "
+                             f"({str(e).splitlines()[0]})") from None
         heads.append(head.eval())
     return heads, meta
 

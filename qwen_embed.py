@@ -387,7 +387,10 @@ class Qwen3Embedder:
                 if self.device.type == "cuda":  # pinned memory lets the copy overlap GPU work
                     flat, lengths = flat.pin_memory(), lengths.pin_memory()
                 flat, lengths = flat.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
-                hidden, states = self.model(flat, lengths, return_layers=True) if need_layers else (self.model(flat, lengths), None)
+                if need_layers:  # keeping every layer's states costs memory: only when asked
+                    hidden, states = self.model(flat, lengths, return_layers=True)
+                else:
+                    hidden, states = self.model(flat, lengths), None
                 for key in keys:
                     v = self.pool(hidden if key is None else states[key], lengths, pooling, dim, normalize).cpu()
                     bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()

@@ -175,6 +175,52 @@ def print_table(log, header, rows):
         log("  ".join(str(v).rjust(w) for v, w in zip(line, widths)))
 
 
+def quiet(*_):  # sweeps print tables, not epochs
+    pass
+
+
+def layer_sweep(args, rows, texts, labels, y, tr, va, log, results):
+    """One forward pass per pooling pools every layer; each (pooling, layer) gets its own head."""
+    n_layers = Qwen3Config.from_json(resolve_model_dir(args.model) / "config.json").num_hidden_layers
+    layers = [None] + list(range(n_layers + 1)) if args.layer_sweep else [args.layer]
+    poolings = ["last", "mean"] if args.compare_pooling else [args.pooling]
+    vectors = {p: embed_rows(args, texts, rows, log, pooling=p, layers=layers) for p in poolings}
+    if any(v is None for v in vectors.values()):  # a torchrun rank other than 0
+        return None
+    table = []
+    for pooling in poolings:
+        for layer in layers:
+            t0 = time.time()
+            x = vectors[pooling][layer]
+            _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, quiet)
+            table.append([pooling, "final (normed)" if layer is None else str(layer), f"{best['map3']:.4f}",
+                          f"{best['acc']:.4f}", best["epoch"], f"{time.time() - t0:.1f}s"])
+    print_table(log, ["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time"], table)
+    return {**results, "table": table}
+
+
+def head_sweep(args, x, y, labels, tr, va, log, results):
+    """--sweep N random head configurations on the same vectors and split; the best one is kept."""
+    rng = random.Random(args.seed)
+    trials = []
+    for trial in range(args.sweep):
+        config = sample_head_config(rng)
+        t0 = time.time()
+        head, best = train_head(x[tr], y[tr], x[va], y[va], labels, argparse.Namespace(**{**vars(args), **config}),
+                                quiet)
+        trials.append((best["map3"], trial, config, head, best, time.time() - t0))
+        log(f"trial {trial:3d}: val MAP@3 {best['map3']:.4f}  {json.dumps(config)}  {time.time() - t0:.1f}s")
+    trials.sort(key=lambda t: (-t[0], t[1]))
+    print_table(log, ["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs", "time"],
+                [[r + 1, t, f"{m:.4f}", "x".join(map(str, c["hidden"])), c["dropout"], f"{c['lr']:.2e}",
+                  c["weight_decay"], c["label_smoothing"], c["epochs"], f"{s:.1f}s"]
+                 for r, (m, t, c, _, _, s) in enumerate(trials)])
+    _, best_trial, config, head, best, _ = trials[0]
+    vars(args).update(config)  # the checkpoint's args.json records the winning configuration
+    results.update(best_trial=best_trial, val_map3=best["map3"], sweep=[[t[1], t[0], t[2]] for t in trials])
+    return [head], va, best["probs"]
+
+
 def main(args, log=print):
     check_flags(args)
     rows, texts, truth = load_rows(args, log)
@@ -184,57 +230,18 @@ def main(args, log=print):
     groups = [row[args.group_col] for row in rows] if args.group_col else None
     tr, va = (torch.tensor(i, dtype=torch.long) for i in split(truth, args.val_frac, groups, args.seed))
     results = {"n_labels": len(labels), "n_rows": len(rows)}
-    quiet = lambda *_: None  # noqa: E731  (sweeps print tables, not epochs)
 
     if args.layer_sweep or args.compare_pooling:
-        # One forward pass per pooling pools every layer; each (pooling, layer) gets its own head.
-        n_layers = Qwen3Config.from_json(resolve_model_dir(args.model) / "config.json").num_hidden_layers
-        layers = [None] + list(range(n_layers + 1)) if args.layer_sweep else [args.layer]
-        poolings = ["last", "mean"] if args.compare_pooling else [args.pooling]
-        vectors = {p: embed_rows(args, texts, rows, log, pooling=p, layers=layers) for p in poolings}
-        if any(v is None for v in vectors.values()):
-            return None
-        table = []
-        for pooling in poolings:
-            for layer in layers:
-                t0 = time.time()
-                x = vectors[pooling][layer]
-                _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, quiet)
-                name = "final (normed)" if layer is None else str(layer)
-                table.append([pooling, name, f"{best['map3']:.4f}", f"{best['acc']:.4f}", best["epoch"],
-                              f"{time.time() - t0:.1f}s"])
-        print_table(log, ["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time"], table)
-        return {**results, "table": table}
-
+        return layer_sweep(args, rows, texts, labels, y, tr, va, log, results)
     x = embed_rows(args, texts, rows, log)
     if x is None:
         return None
     x = x[args.layer]
     if args.sweep:
-        rng = random.Random(args.seed)
-        trials = []
-        for trial in range(args.sweep):
-            config = sample_head_config(rng)
-            t0 = time.time()
-            head, best = train_head(x[tr], y[tr], x[va], y[va], labels, argparse.Namespace(**{**vars(args), **config}), quiet)
-            trials.append((best["map3"], trial, config, head, best, time.time() - t0))
-            log(f"trial {trial:3d}: val MAP@3 {best['map3']:.4f}  {json.dumps(config)}  {time.time() - t0:.1f}s")
-        trials.sort(key=lambda t: (-t[0], t[1]))
-        print_table(log, ["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs", "time"],
-                    [[r + 1, t, f"{m:.4f}", "x".join(map(str, c["hidden"])), c["dropout"], f"{c['lr']:.2e}",
-                      c["weight_decay"], c["label_smoothing"], c["epochs"], f"{s:.1f}s"]
-                     for r, (m, t, c, _, _, s) in enumerate(trials)])
-        _, _, config, head, best, _ = trials[0]
-        vars(args).update(config)  # the checkpoint records the winning configuration
-        heads, val_idx, val_probs = [head], va, best["probs"]
-        results.update(best_trial=trials[0][1], val_map3=best["map3"], sweep=[[t[1], t[0], t[2]] for t in trials])
+        heads, val_idx, val_probs = head_sweep(args, x, y, labels, tr, va, log, results)
     elif args.folds:
         if groups is not None:  # the competition's test asks train's questions: stratified CV mimics it
-            saved = args.group_col
-            args.group_col = None
-            _, _, other = cross_validate(x, y, truth, labels, args, None, log, quiet=True)
-            args.group_col = saved
-            results["stratified"] = other
+            results["stratified"] = cross_validate(x, y, truth, labels, args, None, log, quiet=True)[2]
         heads, val_probs, res = cross_validate(x, y, truth, labels, args, groups, log)
         val_idx = torch.arange(len(rows))
         results.update(res)
@@ -292,7 +299,8 @@ def parse_args(argv=None):
     e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU (float16 is refused: Qwen3 overflows it)")
     e.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared with evaluate.py")
-    e.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes (a kill loses at most one chunk)")
+    e.add_argument("--cache-chunk", type=int, default=1024,
+                   help="texts embedded between cache writes (a kill loses at most one chunk)")
     h = p.add_argument_group("head and training")
     h.add_argument("--hidden", type=int, nargs=2, default=[1024, 512], metavar=("H1", "H2"), help="hidden layer sizes")
     h.add_argument("--dropout", type=float, default=0.2)

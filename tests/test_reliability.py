@@ -76,6 +76,7 @@ def test_bad_csv_files(tmp_path, run, content, message):
     ("--device", "tpu", "unknown device 'tpu'"),
     ("--dtype", "float16", "float16 is not supported"),
     ("--folds", "1", "--folds must be 0"),
+    ("--cache-chunk", "0", "--cache-chunk and --batch-size must be positive"),
     ("--layer", "9", "--layer must be between -4 and 3 for this 3-layer model"),
 ])
 def test_bad_flags(tmp_path, run, flag, value, message):
