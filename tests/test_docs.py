@@ -16,8 +16,8 @@ def test_how_it_works_links_point_at_the_code_they_name():
         lines = (ROOT / file).read_text().splitlines()
         assert int(start) <= int(end or start) <= len(lines), (label, file)
         name = re.fullmatch(r"(?:[\w.]+\.py: )?([\w.]+)", label)
-        if name:  # a label naming a function or class: that name is on the linked line
-            assert name[1].split(".")[-1] in lines[int(start) - 1], (label, file, start)
+        assert name, f"link label {label!r} should name the code it points at"
+        assert name[1].split(".")[-1] in lines[int(start) - 1], (label, file, start)  # so edits keep it in step
 
 
 def test_readme_flags_exist():
