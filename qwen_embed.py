@@ -11,7 +11,9 @@ The batch is *packed*: the real tokens of all texts are concatenated, with no pa
 matmuls (almost all of the FLOPs) never touch a pad token; only attention sees the texts apart.
 """
 
+import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into this token's state
+
+try:  # attention straight on packed tokens (FlashAttention, CUDA, bf16), in torch >= 2.11
+    from torch.nn.attention.varlen import varlen_attn
+    if not {"window_size", "enable_gqa"} <= inspect.signature(varlen_attn).parameters.keys():
+        varlen_attn = None  # torch 2.10's first version of the API: use padded SDPA instead
+except ImportError:
+    varlen_attn = None
+
+
+def varlen_usable(device, dtype):
+    return varlen_attn is not None and device.type == "cuda" and dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- config
@@ -147,10 +160,14 @@ class PackedBatch:
     lengths: (B,) tokens per text. Text b owns tokens starts[b] : starts[b] + lengths[b].
     """
 
-    def __init__(self, lengths, device):
+    varlen_failed = False
+
+    def __init__(self, lengths, device, dtype):
         lengths = torch.as_tensor(lengths, dtype=torch.long)
         self.lengths = lengths.to(device)
         self.cu = F.pad(lengths.cumsum(0), (1, 0)).to(device)  # (B+1,) start offsets, then the total
+        self.cu32 = self.cu.to(torch.int32)  # what the varlen kernel takes
+        self.varlen = not self.varlen_failed and varlen_usable(device, dtype)
         self.max_len = int(lengths.max())
         self.seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), self.lengths)  # (N,)
         self.positions = torch.arange(int(lengths.sum()), device=device) - self.cu[self.seq]  # (N,)
@@ -158,6 +175,13 @@ class PackedBatch:
         self.slot = self.seq * self.max_len + self.positions
 
     def attention(self, q, k, v):  # q: (N, n_head, d), k/v: (N, n_kv, d) -> (N, n_head, d)
+        if self.varlen:  # causal = a window of (all before, none after), per text given by cu
+            try:
+                return varlen_attn(q, k, v, self.cu32, self.cu32, self.max_len, self.max_len, scale=q.shape[-1] ** -0.5,
+                                   window_size=(-1, 0), enable_gqa=True)
+            except (RuntimeError, NotImplementedError) as e:  # e.g. a GPU its kernels do not support
+                warnings.warn(f"varlen attention failed ({str(e).splitlines()[0]}); using padded SDPA")
+                PackedBatch.varlen_failed, self.varlen = True, False
         # SDPA wants a rectangle, so scatter into a right-padded (B, max_len) grid. Right padding
         # needs no padding mask: under the causal mask a real token attends only to earlier
         # positions, and every pad comes after every real token of its row. So plain is_causal=True
@@ -188,8 +212,8 @@ class Qwen3Model(nn.Module):
         Returns the final normed hidden states (N, hidden). With return_layers, also the list of
         num_hidden_layers + 1 residual-stream states (embeddings, then after each layer), un-normed.
         """
-        batch = PackedBatch(lengths, input_ids.device)
         x = self.embed_tokens(input_ids)  # (N, hidden)
+        batch = PackedBatch(lengths, x.device, x.dtype)
         # RoPE angles are computed here, not kept as buffers: a buffer built on the meta device
         # would stay empty after loading. Positions restart at 0 for every text.
         cos, sin = rope(batch.positions, self.config.head_dim, self.config.rope_theta, x.dtype)

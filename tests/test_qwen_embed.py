@@ -243,3 +243,27 @@ def test_bad_arguments(tiny, ours):
 def test_config_reads_head_dim_not_derived(tiny):
     c = Qwen3Config.from_json(tiny / "config.json")
     assert c.head_dim == 32 != c.hidden_size // c.num_attention_heads
+
+
+def test_varlen_attention_glue(ours, monkeypatch):
+    """The CUDA-only varlen kernel cannot run here; a stand-in with its documented semantics (per
+    text from cu_seq, window (-1, 0) = causal) checks that we call it with the right arguments."""
+    import qwen_embed
+    calls = []
+
+    def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k and enable_gqa
+        assert window_size == (-1, 0) and int(cu_q[-1]) == len(q) and max_q == int(cu_q.diff().max())
+        calls.append(len(cu_q) - 1)
+        out = torch.empty_like(q)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]  # (heads, T, d)
+            out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+        return out
+
+    padded = ours.encode(TEXTS, batch_size=4, progress=False)
+    monkeypatch.setattr(qwen_embed, "varlen_attn", fake_varlen_attn)
+    monkeypatch.setattr(qwen_embed, "varlen_usable", lambda device, dtype: True)
+    packed = ours.encode(TEXTS, batch_size=4, progress=False)
+    assert calls and max(calls) == 4
+    assert (packed - padded).abs().max().item() <= TOL
