@@ -15,6 +15,7 @@ import atexit
 import hashlib
 import json
 import os
+import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -58,6 +59,9 @@ class Cache:
     def load(self, dim):
         """{text key bytes: vector}. A chunk that is unreadable, or whose shapes, dtypes or values
         are wrong, is deleted (and its texts recomputed) rather than trusted."""
+        for tmp in self.dir.glob(".chunk-*"):  # a chunk half-written by a run killed an hour ago or more
+            if time.time() - tmp.stat().st_mtime > 3600:
+                shutil.rmtree(tmp, ignore_errors=True)
         found = {}
         for file in sorted(self.dir.glob("chunk-*.safetensors")):
             try:

@@ -190,9 +190,14 @@ def test_corrupt_cache_chunks_are_recomputed(tmp_path, tiny):
     chunks[0].write_bytes(chunks[0].read_bytes()[:100])           # truncated
     t = load_file(chunks[1])
     save_file({"keys": t["keys"], "vectors": t["vectors"][:, :5].contiguous()}, str(chunks[1]))  # wrong shape
+    stale = chunks[0].parent / ".chunk-abc.safetensors.x1y2"  # what a kill in mid-write leaves
+    stale.mkdir()
+    (stale / "tmp").write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     logs = []
     again = embed_cache.embed(texts, str(tiny), log=logs.append, **kw)[None]
     assert embedded(logs[0]) == (10, 20)
+    assert not stale.exists()
     assert torch.allclose(first, again, atol=1e-6)
 
 
@@ -208,6 +213,27 @@ def test_nan_vectors_are_reported_and_never_cached(tmp_path, tiny):
         embed_cache.embed(texts, str(model), cache_dir=tmp_path / "c", progress=False, ids=list("abcd"),
                           log=lambda *_: None)
     assert not list(tmp_path.glob("c/*/chunk-*"))
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    from data import atomic_path
+    target = tmp_path / "sub.csv"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new")
+            raise KeyboardInterrupt  # Ctrl-C in mid-write
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["sub.csv"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["sub.csv"]
+    folder = tmp_path / "ckpt"
+    for content in ("v1", "v2"):  # a folder replaces a folder whole
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            (tmp / "meta.json").write_text(content)
+    assert os.listdir(folder) == ["meta.json"] and (folder / "meta.json").read_text() == "v2"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "sub.csv"]
 
 
 # ----------------------------------------------------------------------------- safety
