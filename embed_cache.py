@@ -140,8 +140,9 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
     hidden, n = config.hidden_size, config.num_hidden_layers
     if dim is not None and not 1 <= dim <= hidden:
         raise ValueError(f"--dim must be between 1 and the model's hidden size {hidden}, got {dim}")
-    if any(layer is not None and not -n - 1 <= layer <= n for layer in layers):
-        raise ValueError(f"--layer must be between {-n - 1} and {n} for this {n}-layer model, got {layers}")
+    bad = [layer for layer in layers if layer is not None and not -n - 1 <= layer <= n]
+    if bad:
+        raise ValueError(f"--layer must be between {-n - 1} and {n} for this {n}-layer model, got {bad[0]}")
     wanted = layers
     layers = [None if layer is None else layer % (n + 1) for layer in layers]  # -1 and n share a cache entry
     identity = checkpoint_identity(folder)
