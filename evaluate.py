@@ -86,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="a folder written by train.py --out")
     p.add_argument("--data", required=True, help="CSV to predict; scored when it has the label columns")
     p.add_argument("--out", default=None, help="write a submission CSV here (id, three space-separated labels)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None: cuda if available")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (at most)")
     p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared with train.py")
     p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes")

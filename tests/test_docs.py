@@ -29,3 +29,10 @@ def test_readme_flags_exist():
         for line in shown:
             for flag in re.findall(r"(--[\w-]+)", line):
                 assert flag in help_text, f"README shows {script} {flag}, which --help does not list"
+
+
+def test_every_flag_documents_its_default():
+    for script in ("train.py", "evaluate.py"):
+        out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True).stdout
+        blocks = re.split(r"\n  (?=--)", out)[1:]
+        assert blocks and all("(default:" in b for b in blocks if not b.startswith("--help")), script
