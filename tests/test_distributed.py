@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import embed_cache
+import evaluate
 import train
 from data import read_csv, render
 from test_pipeline import write_csv
@@ -20,9 +21,9 @@ from test_pipeline import write_csv
 ROOT = Path(__file__).parent.parent
 
 
-def torchrun(args, nproc=2):
+def torchrun(args, nproc=2, script="train.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py")] + args
+           str(ROOT / script)] + args
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -53,6 +54,17 @@ def test_two_processes_equal_one(tmp_path, tiny):
     meta_one = json.loads((tmp_path / "one" / "meta.json").read_text())
     for key in ("val_map3", "val_acc", "val_loss", "best_epoch"):
         assert meta_two[key] == pytest.approx(meta_one[key], abs=1e-6), key
+
+    # evaluate.py under torchrun: the ranks embed the new texts, rank 0 writes the same submission.
+    test = write_csv(tmp_path / "test.csv", n=60, seed=7)
+    ev = ["--checkpoint", str(tmp_path / "one"), "--data", str(test), "--quiet", "--cache-chunk", "10"]
+    proc = torchrun(ev + ["--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "sub2.csv")],
+                    script="evaluate.py")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.count("MAP@3") == 1
+    evaluate.main(evaluate.parse_args(ev + ["--cache-dir", str(tmp_path / "c1"), "--out", str(tmp_path / "sub1.csv")]))
+    assert (tmp_path / "sub2.csv").read_text() == (tmp_path / "sub1.csv").read_text()
 
 
 def test_killed_rank_leaves_complete_chunks_and_resumes(tmp_path, tiny):
