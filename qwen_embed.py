@@ -55,7 +55,10 @@ class Qwen3Config:
 
     @classmethod
     def from_json(cls, path):
-        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         if cfg.get("model_type") != "qwen3":
             raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, only 'qwen3' is supported")
         # Refuse what we do not implement rather than silently computing something else.

@@ -222,6 +222,9 @@ def test_corrupt_or_missing_files(tmp_path, tiny):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors: weights file missing"):
         Qwen3Embedder.from_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        Qwen3Embedder.from_pretrained(folder)
     (folder / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json: missing"):
         Qwen3Embedder.from_pretrained(folder)
