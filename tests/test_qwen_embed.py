@@ -4,8 +4,10 @@ import json
 import shutil
 
 import pytest
+import sentence_transformers  # the reference stack (requirements-dev.txt): a missing one fails, never skips
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors.torch import load_file, save_file
 
 from qwen_embed import Qwen3Config, Qwen3Embedder
@@ -29,7 +31,6 @@ def ours(tiny):
 
 @pytest.fixture(scope="module")
 def reference(tiny):
-    transformers = pytest.importorskip("transformers")  # installed by requirements-dev.txt in CI
     tok = transformers.AutoTokenizer.from_pretrained(tiny)
     model = transformers.AutoModel.from_pretrained(tiny, dtype=torch.float32, attn_implementation="sdpa").eval()
     return tok, model
@@ -73,8 +74,7 @@ def test_encode_matches_reference_recipe(ours, reference):
 
 
 def test_encode_matches_sentence_transformers(tiny, ours):
-    st = pytest.importorskip("sentence_transformers")
-    model = st.SentenceTransformer(str(tiny), device="cpu")
+    model = sentence_transformers.SentenceTransformer(str(tiny), device="cpu")
     expected = model.encode(TEXTS, convert_to_tensor=True, batch_size=4)
     assert (ours.encode(TEXTS, progress=False) - expected).abs().max().item() <= TOL
 
