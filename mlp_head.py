@@ -61,15 +61,16 @@ def load_checkpoint(folder):
         raise FileNotFoundError(f"{folder}: not a checkpoint (no meta.json)")
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        files, hp = meta["heads"], meta["head"]
-        _ = meta["labels"], meta["embedding"]
-    except (ValueError, KeyError, TypeError) as e:
+        missing = {"heads", "head", "labels", "embedding"} - meta.keys()
+    except (ValueError, AttributeError) as e:
         raise ValueError(f"{folder / 'meta.json'}: not a valid checkpoint description ({e})") from None
+    if missing:
+        raise ValueError(f"{folder / 'meta.json'}: not a valid checkpoint description (no {sorted(missing)})")
     heads = []
-    for file in files:
+    for file in meta["heads"]:
         if not (folder / file).is_file():
             raise FileNotFoundError(f"{folder / file}: missing from the checkpoint")
-        head = MLPHead(hp["in_dim"], hp["n_classes"], hp["hidden"], hp["dropout"], hp["activation"], hp["input_norm"])
+        head = MLPHead(**meta["head"])  # the constructor's own arguments, saved by save_checkpoint
         try:
             head.load_state_dict(load_file(folder / file))
         except Exception as e:
