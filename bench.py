@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 from data import MAP_TEMPLATE, read_csv, render  # noqa: E402
-from qwen_embed import Qwen3Config, Qwen3Embedder, pick_device_dtype  # noqa: E402
+from qwen_embed import Qwen3Config, Qwen3Embedder, default_batch_tokens, pick_device_dtype  # noqa: E402
 from tiny_checkpoint import make_checkpoint  # noqa: E402
 
 SHARED = Path(__file__).parent.parent / "shared"
@@ -158,13 +158,22 @@ def main(args):
             return sum(len(b) * max(lengths[i] for i in b) for b in
                        (order[s:s + batch_size] for s in range(0, len(order), batch_size))) / real
 
-        encode = lambda bs, mbt: ours.encode(texts, batch_size=bs, max_length=args.max_length, progress=False,
-                                             max_batch_tokens=mbt)
-        encode(args.batch_size, args.max_batch_tokens)  # warm-up (and CUDA kernel selection)
-        runs = [dict(timed("ours", lambda: encode(args.batch_size, args.max_batch_tokens), device), padding=1.0)]
-        if device.type == "cuda":
-            for bs in args.extra_batch_sizes:
-                runs.append(dict(timed(f"ours bs={bs}", lambda: encode(bs, 1 << 30), device), padding=1.0))
+        # Ours at default settings (no batch arguments; compile by job size), first call and warm,
+        # then other token budgets and compile settings, to see how far the default is from the best.
+        default_budget = default_batch_tokens(config, device, dtype)
+        encode = lambda **kw: ours.encode(texts, max_length=args.max_length, progress=False, **kw)
+        first = timed("ours, defaults, first call", encode, device)
+        runs = [dict(timed("ours, defaults", encode, device), padding=1.0)]
+        print(f"ours, defaults: {default_budget} tokens per batch, compiled: {ours.compiled}; "
+              f"first call {first['seconds']:.1f}s, warm {runs[0]['seconds']:.1f}s")
+        compiles = (False,) if args.no_compiled_variants else (False, True)
+        variants = [Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=c) for c in compiles]
+        for c, model in zip(compiles, variants):
+            for budget in args.budgets or ([1024, 2048, 4096, 8192] if device.type == "cpu" else [8192, 16384, 32768, 65536]):
+                run = lambda: model.encode(texts, max_length=args.max_length, progress=False, max_batch_tokens=budget)
+                run()  # warm-up (compiles once per model)
+                runs.append(dict(timed(f"ours {budget} tok{', compiled' if c else ''}", run, device), padding=1.0))
+        del variants
 
         if not args.ours_only:
             import transformers
@@ -194,15 +203,18 @@ def main(args):
                                        lambda: st.encode(texts, batch_size=bs, convert_to_tensor=True), device),
                                  padding=padded_tokens(by_length, bs)))
 
-        print(f"\n{'method':30s} {'texts/s':>9s} {'real tok/s':>11s} {'pad/real':>9s} {'peak MiB':>9s} "
-              f"{'MFU':>6s} {'max|diff|':>10s} {'ours/this':>10s}")
+        print(f"\n{'method':34s} {'texts/s':>9s} {'real tok/s':>11s} {'pad/real':>9s} {'peak MiB':>9s} "
+              f"{'MFU':>6s} {'max|diff|':>10s} {'min cos':>8s} {'ours/this':>10s}")
         base = runs[0]
         for r in runs:
             tps = real / r["seconds"]
             diff = (r["vectors"] - base["vectors"]).abs().max().item()
-            print(f"{r['name']:30s} {len(texts) / r['seconds']:9.1f} {tps:11.0f} {r['padding']:9.2f} "
-                  f"{r['peak_bytes'] / 2**20:9.0f} {flops / r['seconds'] / peak:6.1%} {diff:10.2e} "
+            cos = F.cosine_similarity(r["vectors"], base["vectors"], dim=-1).min().item()
+            print(f"{r['name']:34s} {len(texts) / r['seconds']:9.1f} {tps:11.0f} {r['padding']:9.2f} "
+                  f"{r['peak_bytes'] / 2**20:9.0f} {flops / r['seconds'] / peak:6.1%} {diff:10.2e} {cos:8.5f} "
                   f"{r['seconds'] / base['seconds']:10.2f}x")
+        best = min(r["seconds"] for r in runs if r["name"].startswith("ours"))
+        print(f"\nours at defaults: {best / base['seconds']:.0%} of the speed of our best setting above")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -220,9 +232,12 @@ if __name__ == "__main__":
     p.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the real model (default: all)")
     p.add_argument("--texts", type=int, default=384)
-    p.add_argument("--batch-size", type=int, default=32, help="texts per batch, ours and the references'")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="our token budget per batch")
-    p.add_argument("--extra-batch-sizes", type=int, nargs="*", default=[128, 512], help="also tried on CUDA")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per batch of the references")
+    p.add_argument("--budgets", type=int, nargs="*", default=None, help="our token budgets to try beside the "
+                   "default (None: 1024-8192 on CPU, 8192-65536 on CUDA)")
+    p.add_argument("--extra-batch-sizes", type=int, nargs="*", default=[128, 512], help="also tried on CUDA "
+                   "for sentence-transformers")
+    p.add_argument("--no-compiled-variants", action="store_true", help="try the budgets eagerly only")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)

@@ -90,18 +90,23 @@ class Cache:
             save_file({"keys": keys.contiguous(), "vectors": vectors.contiguous()}, str(tmp))
 
 
-def distributed():
+def distributed(device):
     """(rank, world size, local rank) under torchrun, starting PyTorch's process group once;
-    (0, 1, 0) in a plain run. NCCL between GPUs, gloo between CPU processes."""
+    (0, 1, 0) in a plain run. One GPU per process and NCCL when embedding on CUDA, else gloo
+    between CPU processes (also on a machine that has GPUs, with --device cpu)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if device.type == "cuda":
+            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+            if per_node > gpus:  # before any work, rather than "invalid device ordinal" from deep inside
+                raise ValueError(f"{per_node} processes on this node but {gpus} GPU(s): use "
+                                 f"--nproc_per_node={gpus} or fewer, or --device cpu")
             torch.cuda.set_device(local)
         # Ranks wait for each other at the end of embedding, which can take hours on one slow rank.
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
         atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world, local
 
@@ -117,20 +122,22 @@ def balance(token_counts, world):
 
 
 def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", dim=None, layers=(None,),
-          device=None, dtype=None, batch_size=32, cache_dir=".cache/embeddings", chunk_size=1024,
-          progress=True, log=print, ids=None):
+          device=None, dtype=None, batch_size=None, max_batch_tokens=None, compile=None,
+          cache_dir=".cache/embeddings", chunk_size=1024, progress=True, log=print, ids=None):
     """Vectors for texts, from the cache where present, else computed and cached chunk by chunk.
 
     layers: which hidden states to pool: None = the final normed output, else layer indexes as in
     Qwen3Embedder.encode; one forward pass serves them all. Returns {layer: (len(texts), D) tensor}.
-    ids: a name per text (row ids) for error messages.
+    ids: a name per text (row ids) for error messages. batch_size, max_batch_tokens, compile: as in
+    Qwen3Embedder (None: by the device and the job).
     Under torchrun every rank embeds a share of the missing texts, balanced by tokens; rank 0 gets
     the vectors, the other ranks get None once all chunks are written.
     """
-    if chunk_size < 1 or batch_size < 1:
-        raise ValueError(f"--cache-chunk and --batch-size must be positive, got {chunk_size} and {batch_size}")
-    rank, world, local = distributed()
+    for flag, value in (("--cache-chunk", chunk_size), ("--batch-size", batch_size), ("--max-batch-tokens", max_batch_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
     device, dtype = pick_device_dtype(device, dtype)
+    rank, world, local = distributed(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local)  # one GPU per process
     if rank:  # logs and progress bars from rank 0 only
@@ -165,9 +172,10 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
     else:
         log(f"embeddings: {len(texts) - len(missing)} cached, computing {len(todo)} with {model} "
             f"on {device} in {str(dtype).removeprefix('torch.')}" + (f", {world} processes" if world > 1 else ""))
-        embedder = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
+        embedder = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=compile)
         tokens = [len(t) for t in embedder.tokenize([texts[i] for i in todo], instruction, max_length)]
         mine = balance(tokens, world)[rank] if world > 1 else range(len(todo))
+        embedder.maybe_compile(sum(tokens[j] for j in mine), log)
         t0 = time.time()
         mine = sorted(mine, key=lambda j: tokens[j])  # similar lengths in a chunk: less padding in attention
         with tqdm(total=len(mine), desc="embedding", unit="text", disable=not progress) as bar:
@@ -175,8 +183,8 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
                 chunk = [todo[j] for j in mine[start:start + chunk_size]]
                 try:
                     out = embedder.encode([texts[i] for i in chunk], instruction=instruction, batch_size=batch_size,
-                                          max_length=max_length, dim=dim, pooling=pooling, progress=False,
-                                          layers=list(layers))
+                                          max_batch_tokens=max_batch_tokens, max_length=max_length, dim=dim,
+                                          pooling=pooling, progress=False, layers=list(layers))
                 except NonFiniteError as e:  # this chunk is not cached; name the rows, not chunk positions
                     bad = {texts[chunk[j]] for j in e.indices}
                     rows = [ids[i] if ids else i for i, t in enumerate(texts) if t in bad]

@@ -15,6 +15,7 @@ import embed_cache
 from data import (add_answer_is_correct, atomic_path, check_ids, cli, labels_of, read_csv, render, require_columns,
                   template_fields)
 from mlp_head import load_checkpoint, predict_proba
+from qwen_embed import pick_device_dtype
 
 
 def map_at_k(truth, predictions, k=3):
@@ -58,12 +59,13 @@ def main(args):
     vectors = embed_cache.embed(texts, spec["model"], instruction=spec["instruction"], max_length=spec["max_length"],
                                 pooling=spec["pooling"], dim=spec["dim"], layers=(spec["layer"],),
                                 device=args.device, dtype=spec["dtype"], batch_size=args.batch_size,
-                                cache_dir=args.cache_dir, chunk_size=args.cache_chunk, progress=not args.quiet,
+                                max_batch_tokens=args.max_batch_tokens, compile=args.compile, cache_dir=args.cache_dir, chunk_size=args.cache_chunk, progress=not args.quiet,
                                 ids=[row[spec["id_col"]] for row in rows])
     if vectors is None:  # a torchrun rank other than 0: its share is embedded and cached
         return None
     vectors = vectors[spec["layer"]]
-    probs = predict_proba(heads, vectors)
+    device = pick_device_dtype(args.head_device or args.device)[0]
+    probs = predict_proba([h.to(device) for h in heads], vectors).cpu()
     predictions = top_k(probs, labels)
     ids = [row[spec["id_col"]] for row in rows]
     result = {"predictions": predictions, "probs": probs}
@@ -87,7 +89,13 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="CSV to predict; scored when it has the label columns")
     p.add_argument("--out", default=None, help="write a submission CSV here (id, three space-separated labels)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None: cuda if available")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (at most)")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass, at most; None: no limit "
+                   "but the token budget")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward pass, at most; None: "
+                   "2048 on CPU, on CUDA from the free GPU memory and the model's shape")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
+                   "model's blocks; None: when the texts to embed hold 100,000 tokens or more")
+    p.add_argument("--head-device", default=None, help="where the heads predict; None: the embedding device")
     p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared with train.py")
     p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -83,8 +83,8 @@ def load_checkpoint(folder):
 @torch.no_grad()
 def predict_proba(heads, x, batch_size=4096):
     """Mean of the heads' softmax probabilities: one head, or a fold ensemble. (N, in) -> (N, classes)."""
-    out = []
+    out, device = [], next(heads[0].parameters()).device
     for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size]
+        xb = x[start:start + batch_size].to(device)
         out.append(torch.stack([h(xb).softmax(-1) for h in heads]).mean(0))
-    return torch.cat(out) if out else torch.empty(0, heads[0].hparams["n_classes"])
+    return torch.cat(out) if out else torch.empty(0, heads[0].hparams["n_classes"], device=device)

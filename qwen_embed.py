@@ -27,16 +27,28 @@ from tqdm.auto import tqdm
 
 EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into this token's state
 
-try:  # attention straight on packed tokens (FlashAttention, CUDA, bf16), in torch >= 2.11
+try:  # attention straight on packed tokens (FlashAttention, CUDA, bf16), in torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
-    if not {"window_size", "enable_gqa"} <= inspect.signature(varlen_attn).parameters.keys():
-        varlen_attn = None  # torch 2.10's first version of the API: use padded SDPA instead
+    VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters)
 except ImportError:
-    varlen_attn = None
+    varlen_attn, VARLEN_ARGS = None, set()
 
 
 def varlen_usable(device, dtype):
     return varlen_attn is not None and device.type == "cuda" and dtype == torch.bfloat16
+
+
+def causal_varlen_attn(q, k, v, cu, max_len):
+    """Causal attention within each text of a packed batch; cu: (B+1,) int32 start offsets.
+    The API changed across torch releases: 2.10 takes is_causal, later ones a window, (-1, 0) =
+    everything before and nothing after; enable_gqa came later still, so before it k and v are
+    repeated for each query head of their group. The default scale is ours, head_dim ** -0.5."""
+    kw = {"window_size": (-1, 0)} if "window_size" in VARLEN_ARGS else {"is_causal": True}
+    if "enable_gqa" in VARLEN_ARGS:
+        kw["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
 # ----------------------------------------------------------------------------- config
@@ -160,36 +172,31 @@ class Block(nn.Module):
 class PackedBatch:
     """Where each text sits among the N concatenated tokens, and causal attention within each text.
 
-    lengths: (B,) tokens per text. Text b owns tokens starts[b] : starts[b] + lengths[b].
+    lengths: (B,) tokens per text, on the host. Text b owns tokens cu[b] : cu[b + 1]. Everything
+    here is computed on the host and copied once, so the GPU never waits for the CPU to read a
+    length back (and torch.compile sees plain ints, no graph break).
     """
 
-    varlen_failed = False
+    varlen_failed = False  # set by Qwen3Embedder.forward if the kernel fails on this GPU
 
     def __init__(self, lengths, device, dtype):
-        lengths = torch.as_tensor(lengths, dtype=torch.long)
-        self.lengths = lengths.to(device)
-        self.cu = F.pad(lengths.cumsum(0), (1, 0)).to(device)  # (B+1,) start offsets, then the total
-        self.cu32 = self.cu.to(torch.int32)  # what the varlen kernel takes
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device="cpu")
+        self.B, self.max_len, self.N = len(lengths), int(lengths.max()), int(lengths.sum())
+        cu = F.pad(lengths.cumsum(0), (1, 0))                                # (B+1,) start offsets, then N
+        seq = torch.repeat_interleave(torch.arange(self.B), lengths)         # (N,) which text
+        positions = torch.arange(self.N) - cu[seq]                           # (N,) restart at 0 per text
+        slot = seq * self.max_len + positions  # each token's place in a right-padded (B, max_len) grid
+        self.positions, self.slot, self.cu32 = to_device([positions, slot, cu.to(torch.int32)], device)
         self.varlen = not self.varlen_failed and varlen_usable(device, dtype)
-        self.max_len = int(lengths.max())
-        self.seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), self.lengths)  # (N,)
-        self.positions = torch.arange(int(lengths.sum()), device=device) - self.cu[self.seq]  # (N,)
-        # Each token's slot in a right-padded (B, max_len) grid, for attention.
-        self.slot = self.seq * self.max_len + self.positions
 
     def attention(self, q, k, v):  # q: (N, n_head, d), k/v: (N, n_kv, d) -> (N, n_head, d)
-        if self.varlen:  # causal = a window of (all before, none after), per text given by cu
-            try:
-                return varlen_attn(q, k, v, self.cu32, self.cu32, self.max_len, self.max_len, scale=q.shape[-1] ** -0.5,
-                                   window_size=(-1, 0), enable_gqa=True)
-            except (RuntimeError, NotImplementedError) as e:  # e.g. a GPU its kernels do not support
-                warnings.warn(f"varlen attention failed ({str(e).splitlines()[0]}); using padded SDPA")
-                PackedBatch.varlen_failed, self.varlen = True, False
+        if self.varlen:
+            return causal_varlen_attn(q, k, v, self.cu32, self.max_len)
         # SDPA wants a rectangle, so scatter into a right-padded (B, max_len) grid. Right padding
         # needs no padding mask: under the causal mask a real token attends only to earlier
         # positions, and every pad comes after every real token of its row. So plain is_causal=True
         # is exact, SDPA may take its fastest kernels, and pad rows (never NaN) are simply dropped.
-        B, T = len(self.lengths), self.max_len
+        B, T = self.B, self.max_len
 
         def grid(t):  # (N, h, d) -> (B, h, T, d)
             g = t.new_zeros(B * T, *t.shape[1:])
@@ -201,6 +208,13 @@ class PackedBatch:
         return out.transpose(1, 2).reshape(B * T, *q.shape[1:])[self.slot]
 
 
+def to_device(tensors, device):
+    """Host tensors to the device; through pinned memory on CUDA, so the copy overlaps GPU work."""
+    if device.type != "cuda":
+        return tensors
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+
+
 class Qwen3Model(nn.Module):
     def __init__(self, c: Qwen3Config):
         super().__init__()
@@ -210,7 +224,7 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, input_ids, lengths, return_layers=False):
-        """input_ids: (N,) the texts' tokens concatenated; lengths: (B,) tokens per text.
+        """input_ids: (N,) the texts' tokens concatenated; lengths: (B,) tokens per text, on the host.
 
         Returns the final normed hidden states (N, hidden). With return_layers, also the list of
         num_hidden_layers + 1 residual-stream states (embeddings, then after each layer), un-normed.
@@ -227,6 +241,21 @@ class Qwen3Model(nn.Module):
                 layers.append(x)
         x = self.norm(x)
         return (x, layers) if return_layers else x
+
+
+# ----------------------------------------------------------------------------- speed only
+
+COMPILE_MIN_TOKENS = 100_000  # compile=None compiles jobs this large (Qwen3Embedder.maybe_compile)
+
+
+def compile_blocks(model):
+    """torch.compile each block, nothing else: it fuses RMSNorm, RoPE, SwiGLU and the residual adds
+    into a few kernels (run eagerly on a GPU, these passes over memory take longer than the 0.6B's
+    matmuls). The code compiled is the code above; compile=False runs it eagerly, as the reference.
+    All blocks share one graph and the token count is a dynamic size, so it compiles once per run,
+    not once per layer or per batch shape, and inductor caches the result on disk for later runs."""
+    for block in model.layers:
+        block.forward = torch.compile(block.forward, dynamic=True)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -291,8 +320,15 @@ def load_weights(model, folder, device, dtype):
     model.load_state_dict(state, strict=True, assign=True)
 
 
+def cpu_has_native_bf16():
+    """AVX-512 BF16 or AMX: bf16 matmuls run about 2x fp32's FLOP rate (and halve the memory).
+    Without them bf16 is emulated, several times slower than fp32."""
+    return any(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)() for name in ("avx512_bf16", "amx_tile"))
+
+
 def pick_device_dtype(device=None, dtype=None):
-    """CUDA + bfloat16 when a GPU is present, else CPU + float32 (bf16 matmuls are slow on most CPUs)."""
+    """Default: CUDA + bfloat16 when a GPU is present; else CPU, in bfloat16 where the CPU has native
+    bf16 matmuls and float32 where it does not (see cpu_has_native_bf16)."""
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -302,13 +338,31 @@ def pick_device_dtype(device=None, dtype=None):
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
              "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     dtype = names.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype == torch.float16:
         raise ValueError("float16 is not supported: Qwen3's activations overflow it; use bfloat16")
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"unknown dtype {dtype!r} (use 'bfloat16' or 'float32')")
     return device, dtype
+
+
+def default_batch_tokens(config, device, dtype, keep_layers=False):
+    """Tokens per forward pass when the caller does not say. CPU: 2048, the fastest measured on a
+    2-core machine (larger batches fall out of cache: 16384 was 25-35% slower). CUDA: as many as
+    fit in a third of the free memory, counting one layer's live activations per token (q, k, v,
+    the attention output and the padded grid, the MLP's three intermediate-wide tensors and a
+    few residual-wide ones; with keep_layers, every layer's output too), at most 65536: a GPU
+    needs tens of thousands of tokens per matmul to be busy, and texts are sorted by length, so
+    a big batch costs no extra padding."""
+    if device.type != "cuda":
+        return 2048
+    c = config
+    per_token = dtype.itemsize * (8 * c.hidden_size + 3 * c.intermediate_size
+                                  + 4 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+                                  + keep_layers * (c.num_hidden_layers + 1) * c.hidden_size)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1024, min(65536, free // 3 // per_token)))
 
 
 # ----------------------------------------------------------------------------- embedder
@@ -322,14 +376,17 @@ class NonFiniteError(FloatingPointError):
 
 
 class Qwen3Embedder:
-    def __init__(self, model, tokenizer, device, dtype, name=""):
+    def __init__(self, model, tokenizer, device, dtype, name="", compile=None):
         self.model, self.tokenizer, self.device, self.dtype, self.name = model, tokenizer, device, dtype, name
+        self.compile, self.compiled = compile, False
         self.eos_id = tokenizer.token_to_id(EOS)
         if self.eos_id is None:
             raise ValueError(f"{name}: tokenizer.json has no {EOS} token")
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None):
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None, compile=None):
+        """compile: True, False (the eager reference path), or None: when a job is big enough to
+        repay it (maybe_compile)."""
         device, dtype = pick_device_dtype(device, dtype)
         folder = resolve_model_dir(name_or_path, revision)
         config = Qwen3Config.from_json(folder / "config.json")
@@ -342,8 +399,37 @@ class Qwen3Embedder:
             raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
         tokenizer.no_truncation()  # we truncate ourselves, keeping EOS last
         tokenizer.no_padding()     # and pack instead of padding
-        return cls(model.eval(), tokenizer, device, dtype, str(name_or_path))
+        return cls(model.eval(), tokenizer, device, dtype, str(name_or_path), compile)
 
+    def maybe_compile(self, n_tokens, log=print):
+        """compile=None compiles for jobs of COMPILE_MIN_TOKENS tokens or more: there the one-time
+        cost (measured on CPU: 7-15 s, 2 s once cached on disk) is small against the work."""
+        if self.compiled or self.compile is False or (self.compile is None and n_tokens < COMPILE_MIN_TOKENS):
+            return
+        log("compiling the model's blocks with torch.compile: once per run, longer the first time, "
+            "cached on disk after (compile=False or --no-compile runs eagerly)")
+        compile_blocks(self.model)
+        self.compiled = True
+
+    def forward(self, flat, lengths, return_layers):
+        """The model on one packed batch. If a fast path fails (torch.compile without a working
+        compiler, the varlen kernel on an unsupported GPU), warn once and run the eager, padded
+        reference path from then on: slower, never wrong."""
+        try:
+            return self.model(flat, lengths, return_layers=return_layers)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            fast = [name for name, on in (("torch.compile", self.compiled), ("varlen attention",
+                    varlen_usable(self.device, self.dtype) and not PackedBatch.varlen_failed)) if on]
+            if not fast:
+                raise
+            warnings.warn(f"{' and '.join(fast)} failed ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
+                          f"running the eager reference path instead")
+            for block in self.model.layers if self.compiled else []:
+                del block.forward  # the class's eager forward again
+            self.compile, self.compiled, PackedBatch.varlen_failed = False, False, True
+            return self.model(flat, lengths, return_layers=return_layers)
     @property
     def dim(self):
         return self.model.config.hidden_size
@@ -384,8 +470,8 @@ class Qwen3Embedder:
             yield batch
 
     @torch.inference_mode()
-    def encode(self, texts, instruction=None, batch_size=32, max_length=8192, dim=None,
-               normalize=True, progress=True, pooling="last", max_batch_tokens=16384, layers=None):
+    def encode(self, texts, instruction=None, batch_size=None, max_length=8192, dim=None,
+               normalize=True, progress=True, pooling="last", max_batch_tokens=None, layers=None):
         """Embed texts: a float32 (len(texts), D) CPU tensor, row i for texts[i].
 
         pooling: "last" (the EOS token's state, what Qwen3-Embedding is trained for) or "mean".
@@ -393,31 +479,33 @@ class Qwen3Embedder:
         layers: a list of hidden states to pool in one pass -> a dict {layer: tensor}. Each is None
         for the final normed output, or a layer index (0 = the embeddings, num_hidden_layers = the
         last layer's raw output, negative from the end), un-normed.
+        batch_size, max_batch_tokens: at most this many texts and tokens per forward pass. None:
+        no limit on texts, and tokens by default_batch_tokens (the device, its free memory, the model).
         """
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
         if dim is not None and not 1 <= dim <= self.dim:
             raise ValueError(f"dim must be between 1 and the hidden size {self.dim}, got {dim}")
-        if batch_size < 1 or max_batch_tokens < 1:
+        if (batch_size is not None and batch_size < 1) or (max_batch_tokens is not None and max_batch_tokens < 1):
             raise ValueError("batch_size and max_batch_tokens must be positive")
         n_layers = self.model.config.num_hidden_layers
         if layers is not None and any(l is not None and not -n_layers - 1 <= l <= n_layers for l in layers):
             raise ValueError(f"layers must be in [-{n_layers + 1}, {n_layers}], got {layers}")
         keys = [None] if layers is None else [None if l is None else l % (n_layers + 1) for l in layers]
         need_layers = any(k is not None for k in keys)
+        max_batch_tokens = max_batch_tokens or default_batch_tokens(self.model.config, self.device, self.dtype,
+                                                                    keep_layers=need_layers)
         ids = self.tokenize(texts, instruction, max_length)
+        self.maybe_compile(sum(map(len, ids)), log=tqdm.write if progress else (lambda *_: None))
         out = {key: torch.empty(len(ids), dim or self.dim) for key in keys}
         with tqdm(total=len(ids), desc="embedding", unit="text", disable=not progress) as bar:
-            for batch in self.batches(ids, batch_size, max_batch_tokens):
-                lengths = torch.tensor([len(ids[i]) for i in batch])
-                flat = torch.tensor([t for i in batch for t in ids[i]])
-                if self.device.type == "cuda":  # pinned memory lets the copy overlap GPU work
-                    flat, lengths = flat.pin_memory(), lengths.pin_memory()
-                flat, lengths = flat.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
+            for batch in self.batches(ids, batch_size or len(ids), max_batch_tokens):
+                lengths = torch.tensor([len(ids[i]) for i in batch])  # stays on the host
+                flat, = to_device([torch.tensor([t for i in batch for t in ids[i]])], self.device)
                 if need_layers:  # keeping every layer's states costs memory: only when asked
-                    hidden, states = self.model(flat, lengths, return_layers=True)
+                    hidden, states = self.forward(flat, lengths, return_layers=True)
                 else:
-                    hidden, states = self.model(flat, lengths), None
+                    hidden, states = self.forward(flat, lengths, return_layers=False), None
                 for key in keys:
                     v = self.pool(hidden if key is None else states[key], lengths, pooling, dim, normalize).cpu()
                     bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
@@ -428,15 +516,15 @@ class Qwen3Embedder:
         return out[None] if layers is None else {l: out[k] for l, k in zip(layers, keys)}
 
     @staticmethod
-    def pool(h, lengths, pooling, dim, normalize):  # h: (N, hidden), lengths: (B,) -> (B, dim) float32
-        ends = lengths.cumsum(0)
+    def pool(h, lengths, pooling, dim, normalize):  # h: (N, hidden), lengths: (B,) on the host -> (B, dim) float32
         if pooling == "last":
             # The last real token, found from the lengths. Never search for the pad id: in Qwen3
             # it is the same id as EOS.
-            v = h[ends - 1].float()
+            ends, = to_device([lengths.cumsum(0) - 1], h.device)
+            v = h[ends].float()
         else:
-            seq = torch.repeat_interleave(torch.arange(len(lengths), device=h.device), lengths)
+            seq, n = to_device([torch.repeat_interleave(torch.arange(len(lengths)), lengths), lengths], h.device)
             v = torch.zeros(len(lengths), h.shape[1], device=h.device).index_add_(0, seq, h.float())
-            v = v / lengths[:, None]
+            v = v / n[:, None]
         v = v[:, :dim] if dim else v
         return F.normalize(v, dim=-1) if normalize else v

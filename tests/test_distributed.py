@@ -19,6 +19,7 @@ from data import read_csv, render
 from test_pipeline import write_csv
 
 ROOT = Path(__file__).parent.parent
+PINNED = ["--device", "cpu", "--dtype", "float32"]  # exact comparisons, on any machine
 
 
 def torchrun(args, nproc=2, script="train.py"):
@@ -31,13 +32,14 @@ def torchrun(args, nproc=2, script="train.py"):
 def vectors(data, tiny, cache):
     texts = render(train.MAP_TEMPLATE, read_csv(data)[1])
     logs = []
-    out = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=cache, progress=False, log=logs.append)
+    out = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=cache, progress=False, log=logs.append,
+                            device="cpu", dtype="float32")
     return out[None], logs
 
 
 def test_two_processes_equal_one(tmp_path, tiny):
     data = write_csv(tmp_path / "train.csv", n=200)
-    args = ["--data", str(data), "--model", str(tiny), "--epochs", "3", "--hidden", "16", "8", "--quiet",
+    args = ["--data", str(data), "--model", str(tiny), *PINNED, "--epochs", "3", "--hidden", "16", "8", "--quiet",
             "--cache-chunk", "30"]
     proc = torchrun(args + ["--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "two")])
     out, err = proc.communicate(timeout=300)
@@ -70,7 +72,7 @@ def test_two_processes_equal_one(tmp_path, tiny):
 def test_killed_rank_leaves_complete_chunks_and_resumes(tmp_path, tiny):
     data = write_csv(tmp_path / "big.csv", n=3000)
     cache = tmp_path / "cache"
-    args = ["--data", str(data), "--model", str(tiny), "--cache-dir", str(cache), "--cache-chunk", "50",
+    args = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(cache), "--cache-chunk", "50",
             "--epochs", "1", "--hidden", "8", "8", "--quiet"]
     proc = torchrun(args)
     deadline = time.time() + 120
@@ -94,3 +96,19 @@ def test_killed_rank_leaves_complete_chunks_and_resumes(tmp_path, tiny):
     resumed, _ = vectors(data, tiny, cache)
     fresh, _ = vectors(data, tiny, tmp_path / "fresh")
     assert torch.allclose(resumed, fresh, atol=1e-5)
+
+
+def test_more_ranks_on_a_node_than_gpus_stops_before_any_work(tmp_path, tiny, monkeypatch):
+    """torchrun --nproc_per_node=2 on a 1-GPU node: one line, not 'invalid device ordinal' from a rank."""
+    from test_reliability import cli_error
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *_: pytest.fail("set_device before the check"))
+    data = write_csv(tmp_path / "train.csv")
+    message = cli_error(train, ["--data", str(data), "--model", str(tiny), "--device", "cuda", "--quiet",
+                                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    assert "2 processes on this node but 1 GPU(s): use --nproc_per_node=1 or fewer, or --device cpu" in message
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

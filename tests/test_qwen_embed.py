@@ -26,7 +26,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def ours(tiny):
-    return Qwen3Embedder.from_pretrained(tiny, device="cpu")
+    return Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,8 @@ def test_order_preserved(ours):
 
 
 def test_eos_exactly_once_with_or_without_post_processor(tmp_path, ours):
-    plain = Qwen3Embedder.from_pretrained(make_checkpoint(tmp_path, layers=3, eos_post_processor=False))
+    plain = Qwen3Embedder.from_pretrained(make_checkpoint(tmp_path, layers=3, eos_post_processor=False),
+                                          device="cpu", dtype="float32")
     eos = ours.tokenizer.token_to_id("<|endoftext|>")
     assert ours.tokenizer.encode("hi").ids[-1] == eos          # the embedding-style post-processor
     assert plain.tokenizer.encode("hi").ids[-1] != eos         # the LLM-style tokenizer adds nothing
@@ -140,7 +141,7 @@ def test_llm_prefix_sharded_and_rope_layouts_load_the_same(tmp_path, ours):
     base = ours.encode(TEXTS, progress=False)
     for kwargs in ({"prefix": "model."}, {"shards": 3}, {"rope_in_parameters": False}):
         folder = make_checkpoint(tmp_path / str(len(kwargs)) / next(iter(kwargs)), layers=3, **kwargs)
-        other = Qwen3Embedder.from_pretrained(folder).encode(TEXTS, progress=False)
+        other = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float32").encode(TEXTS, progress=False)
         assert torch.equal(base, other), kwargs
 
 
@@ -167,7 +168,7 @@ def test_hub_resolution_reads_the_standard_cache_offline(tmp_path, tiny, monkeyp
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    model = Qwen3Embedder.from_pretrained("someorg/tiny-qwen3")
+    model = Qwen3Embedder.from_pretrained("someorg/tiny-qwen3", device="cpu", dtype="float32")
     assert torch.equal(model.encode(TEXTS, progress=False), ours.encode(TEXTS, progress=False))
     with pytest.raises(FileNotFoundError, match="someorg/absent.*Hugging Face Hub"):
         Qwen3Embedder.from_pretrained("someorg/absent")
@@ -248,25 +249,83 @@ def test_config_reads_head_dim_not_derived(tiny):
     assert c.head_dim == 32 != c.hidden_size // c.num_attention_heads
 
 
-def test_varlen_attention_glue(ours, monkeypatch):
+@pytest.mark.parametrize("api", [{"window_size", "enable_gqa"}, {"window_size"}, {"is_causal"}])
+def test_varlen_attention_glue(ours, monkeypatch, api):
     """The CUDA-only varlen kernel cannot run here; a stand-in with its documented semantics (per
-    text from cu_seq, window (-1, 0) = causal) checks that we call it with the right arguments."""
+    text from cu_seq; causal by window (-1, 0) or is_causal; k/v heads shared only with enable_gqa)
+    checks that we call each generation of the API (torch 2.10, 2.11-2.12, 2.13) correctly."""
     import qwen_embed
     calls = []
 
-    def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
-        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k and enable_gqa
-        assert window_size == (-1, 0) and int(cu_q[-1]) == len(q) and max_q == int(cu_q.diff().max())
+    def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        assert set(kw) == api and kw.get("window_size", (-1, 0)) == (-1, 0) and kw.get("is_causal", True)
+        assert k.shape[1] == (q.shape[1] if "enable_gqa" not in api else ours.model.config.num_key_value_heads)
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
+        assert int(cu_q[-1]) == len(q) and max_q == int(cu_q.diff().max())
         calls.append(len(cu_q) - 1)
         out = torch.empty_like(q)
         for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
             seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]  # (heads, T, d)
-            out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+            out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True, enable_gqa=True).transpose(0, 1)
         return out
 
     padded = ours.encode(TEXTS, batch_size=4, progress=False)
     monkeypatch.setattr(qwen_embed, "varlen_attn", fake_varlen_attn)
+    monkeypatch.setattr(qwen_embed, "VARLEN_ARGS", api)
     monkeypatch.setattr(qwen_embed, "varlen_usable", lambda device, dtype: True)
     packed = ours.encode(TEXTS, batch_size=4, progress=False)
     assert calls and max(calls) == 4
     assert (packed - padded).abs().max().item() <= TOL
+
+
+def test_a_failing_fast_path_falls_back_to_the_reference_path(ours, monkeypatch):
+    import qwen_embed
+    expected = ours.encode(TEXTS, progress=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore detail")
+
+    monkeypatch.setattr(qwen_embed, "varlen_attn", broken)
+    monkeypatch.setattr(qwen_embed, "varlen_usable", lambda device, dtype: True)
+    monkeypatch.setattr(qwen_embed.PackedBatch, "varlen_failed", False)
+    with pytest.warns(UserWarning, match="varlen attention failed .RuntimeError: FlashAttention only supports"):
+        got = ours.encode(TEXTS, batch_size=2, progress=False)
+    assert qwen_embed.PackedBatch.varlen_failed  # warned once, padded SDPA from then on
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
+    """compile=True: the blocks share their graphs, and batches of any shape reuse them: at most
+    two (dynamic sizes are assumed != 1, so a batch of one text gets its own), more is an error
+    here; the same vectors as the eager path; a compile that fails falls back to eager, warning."""
+    import warnings
+
+    import torch._dynamo
+    import qwen_embed
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    compiled = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the fallback's warning would hide a failed compile
+        for kw in ({"batch_size": 2}, {"max_batch_tokens": 40}, {}):
+            assert (compiled.encode(TEXTS, progress=False, **kw) - ours.encode(TEXTS, progress=False)).abs().max() <= TOL
+    assert compiled.compiled
+
+    auto = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32")  # compile=None: by job size
+    auto.encode(TEXTS, progress=False)
+    assert not auto.compiled
+    monkeypatch.setattr(qwen_embed, "COMPILE_MIN_TOKENS", 10)
+    logs = []
+    auto.maybe_compile(20, log=logs.append)
+    assert auto.compiled and "compiling" in logs[0]
+
+    def broken_compile(model):
+        for block in model.layers:
+            block.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("inductor: no C++ compiler found"))
+
+    monkeypatch.setattr(qwen_embed, "compile_blocks", broken_compile)
+    failing = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=True)
+    with pytest.warns(UserWarning, match="torch.compile failed .RuntimeError: inductor: no C"):
+        got = failing.encode(TEXTS, progress=False)
+    assert not failing.compiled and (got - ours.encode(TEXTS, progress=False)).abs().max() <= TOL

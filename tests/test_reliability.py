@@ -23,6 +23,8 @@ from data import read_csv, render
 from test_pipeline import write_csv
 
 ROOT = Path(__file__).parent.parent
+PINNED_KW = dict(device="cpu", dtype="float32")  # exact comparisons, on any machine
+PINNED = ["--device", "cpu", "--dtype", "float32"]
 
 
 def cli_error(script, argv):
@@ -38,7 +40,7 @@ def cli_error(script, argv):
 def run(tmp_path, tiny):
     """Train args on a good CSV and the tiny checkpoint, writing nothing outside tmp_path."""
     data = write_csv(tmp_path / "train.csv")
-    return ["--data", str(data), "--model", str(tiny), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+    return ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
             "--hidden", "8", "8", "--quiet", "--out", str(tmp_path / "out")]
 
 
@@ -76,7 +78,9 @@ def test_bad_csv_files(tmp_path, run, content, message):
     ("--device", "tpu", "unknown device 'tpu'"),
     ("--dtype", "float16", "float16 is not supported"),
     ("--folds", "1", "--folds must be 0"),
-    ("--cache-chunk", "0", "--cache-chunk and --batch-size must be positive"),
+    ("--cache-chunk", "0", "--cache-chunk must be positive, got 0"),
+    ("--max-batch-tokens", "0", "--max-batch-tokens must be positive, got 0"),
+    ("--head-device", "tpu", "unknown device 'tpu'"),
     ("--layer", "9", "--layer must be between -4 and 3 for this 3-layer model"),
 ])
 def test_bad_flags(tmp_path, run, flag, value, message):
@@ -161,7 +165,7 @@ def start_and_stop(argv, cache, sig, min_chunks):
 def test_killed_run_resumes_with_fewer_forward_passes(tmp_path, tiny):
     data = write_csv(tmp_path / "big.csv", n=3000)
     cache = tmp_path / "cache"
-    argv = ["--data", str(data), "--model", str(tiny), "--cache-dir", str(cache), "--cache-chunk", "100",
+    argv = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(cache), "--cache-chunk", "100",
             "--epochs", "1", "--hidden", "8", "8", "--quiet"]
     out, err, code = start_and_stop(argv, cache, signal.SIGINT, 1)  # Ctrl-C
     assert code == 130 and "interrupted" in err and "Traceback" not in err, err
@@ -171,11 +175,11 @@ def test_killed_run_resumes_with_fewer_forward_passes(tmp_path, tiny):
     texts = render(train.MAP_TEMPLATE, read_csv(data)[1])
     distinct = len(set(texts))
     logs = []
-    resumed = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=cache, chunk_size=100,
+    resumed = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=cache, chunk_size=100, **PINNED_KW,
                                 progress=False, log=logs.append)[None]
     cached, computed = embedded(logs[0])
     assert n_chunks >= 3 and computed == distinct - 100 * n_chunks > 0  # only what the killed runs lacked
-    fresh = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=tmp_path / "fresh", progress=False,
+    fresh = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=tmp_path / "fresh", progress=False, **PINNED_KW,
                               log=lambda *_: None)[None]
     assert torch.allclose(resumed, fresh, atol=1e-5)
     assert not list(cache.glob("*/chunk-*[!s]"))  # only complete .safetensors chunks under their real names
@@ -183,7 +187,7 @@ def test_killed_run_resumes_with_fewer_forward_passes(tmp_path, tiny):
 
 def test_corrupt_cache_chunks_are_recomputed(tmp_path, tiny):
     texts = [f"text number {i}" for i in range(30)]
-    kw = dict(cache_dir=tmp_path / "c", chunk_size=10, progress=False)
+    kw = dict(cache_dir=tmp_path / "c", chunk_size=10, progress=False, **PINNED_KW)
     first = embed_cache.embed(texts, str(tiny), log=lambda *_: None, **kw)[None]
     chunks = sorted(tmp_path.glob("c/*/chunk-*.safetensors"))
     assert len(chunks) == 3
@@ -270,7 +274,7 @@ def test_csv_round_trip_and_render(tmp_path_factory, cells):
 @pytest.fixture(scope="module")
 def embedder(tiny):
     from qwen_embed import Qwen3Embedder
-    return Qwen3Embedder.from_pretrained(tiny)
+    return Qwen3Embedder.from_pretrained(tiny, **PINNED_KW)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

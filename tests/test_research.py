@@ -24,12 +24,12 @@ def base(tmp_path, tiny):
 def test_layer_sweep_one_row_per_layer_one_pass_per_pooling(base, tiny, monkeypatch):
     calls = count_forward_passes(monkeypatch)
     logs = []
-    res = train.main(train.parse_args(base + ["--layer-sweep", "--compare-pooling", "--batch-size", "64"]),
+    res = train.main(train.parse_args(base + ["--layer-sweep", "--compare-pooling", "--max-batch-tokens", "100000"]),
                      log=logs.append)
     n_layers = 3
     assert [(r[0], r[1]) for r in res["table"]] == \
         [(p, name) for p in ("last", "mean") for name in ["final (normed)"] + [str(i) for i in range(n_layers + 1)]]
-    assert len(calls) == 2  # 48 texts in one batch of 64: one forward pass per pooling, every layer pooled
+    assert len(calls) == 2  # 48 texts in one batch: one forward pass per pooling, every layer pooled
     assert all(0 <= float(r[2]) <= 1 for r in res["table"])
     # The per-layer vectors are cached under their own keys: the plain run and a --layer run are free.
     calls.clear()
@@ -40,10 +40,10 @@ def test_layer_sweep_one_row_per_layer_one_pass_per_pooling(base, tiny, monkeypa
 
 def test_layer_vectors_are_the_raw_hidden_states(tmp_path, tiny):
     texts = ["a b c", "one third of the shape"]
-    model = Qwen3Embedder.from_pretrained(tiny)
+    model = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32")
     expected = model.encode(texts, layers=[1], progress=False)[1]
     got = embed_cache.embed(texts, str(tiny), layers=(None, 1), cache_dir=tmp_path, progress=False,
-                            log=lambda *_: None)
+                            log=lambda *_: None, device="cpu", dtype="float32")
     assert torch.allclose(got[1], expected, atol=1e-6)
     assert torch.allclose(got[None], model.encode(texts, progress=False), atol=1e-6)
 

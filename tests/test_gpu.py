@@ -1,0 +1,96 @@
+"""The CUDA path in bfloat16: fidelity to the float32 reference, batch invariance, varlen against
+padded attention, compiled against eager. Skipped without a GPU; run them wherever one is lent."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+import qwen_embed
+from qwen_embed import PackedBatch, Qwen3Embedder, default_batch_tokens
+from tiny_checkpoint import CORPUS, make_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Texts of 20-300 tokens, so that batches mix lengths.
+TEXTS = [" ".join(CORPUS[i % len(CORPUS)] for i in range(k, k + 1 + k % 7)) for k in range(40)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # Wider than the CPU tests' model, so that bf16 rounding behaves as in a real one.
+    return make_checkpoint(tmp_path_factory.mktemp("gpu"), layers=4, hidden=256, heads=8, kv_heads=4,
+                           head_dim=64, intermediate=512)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """The float32 transformers recipe (left padding, last token, L2), on the GPU (TF32 off by default)."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ref = transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        batch = tok(TEXTS, padding=True, return_tensors="pt").to("cuda")
+        return F.normalize(ref.cuda().eval()(**batch).last_hidden_state[:, -1], dim=-1).cpu()
+
+
+def cosines(a, b):
+    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_defaults_match_the_fp32_reference(model_dir, reference, compile):
+    ours = Qwen3Embedder.from_pretrained(model_dir, compile=compile)  # defaults: cuda, bfloat16
+    assert ours.device.type == "cuda" and ours.dtype == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fast path that fell back would warn
+        got = ours.encode(TEXTS, progress=False)
+    assert cosines(got, reference).min() >= 0.9995
+    alone = torch.cat([ours.encode([t], progress=False) for t in TEXTS[:8]])
+    assert cosines(alone, got[:8]).min() >= 0.9999  # a text alone vs inside a batch
+
+
+def test_varlen_and_padded_attention_agree(model_dir):
+    if not qwen_embed.varlen_usable(torch.device("cuda"), torch.bfloat16):
+        pytest.skip(f"torch {torch.__version__} has no usable torch.nn.attention.varlen")
+    ours = Qwen3Embedder.from_pretrained(model_dir, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        varlen = ours.encode(TEXTS, progress=False)
+    assert not PackedBatch.varlen_failed
+    PackedBatch.varlen_failed = True  # forces the padded SDPA path
+    try:
+        padded = ours.encode(TEXTS, progress=False)
+    finally:
+        PackedBatch.varlen_failed = False
+    assert cosines(varlen, padded).min() >= 0.9999
+
+
+def test_compiled_matches_eager_in_fp32(model_dir):
+    eager = Qwen3Embedder.from_pretrained(model_dir, dtype="float32", compile=False).encode(TEXTS, progress=False)
+    compiled = Qwen3Embedder.from_pretrained(model_dir, dtype="float32", compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = compiled.encode(TEXTS, progress=False)
+    assert compiled.compiled and (got - eager).abs().max().item() <= 1e-5
+
+
+def test_default_token_budget_follows_the_free_memory(model_dir):
+    ours = Qwen3Embedder.from_pretrained(model_dir, compile=False)
+    budget = default_batch_tokens(ours.model.config, ours.device, ours.dtype)
+    assert 1024 <= budget <= 65536
+
+
+def test_head_trains_on_the_gpu_with_the_same_numbers_for_the_same_seed():
+    import train
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 32, generator=g) * 3
+    y = torch.arange(5).repeat_interleave(60)
+    x = centers[y] + torch.randn(len(y), 32, generator=g)
+    args = train.parse_args(["--epochs", "5", "--hidden", "64", "32", "--head-device", "cuda"])
+    runs = [train.train_head(x[::2], y[::2], x[1::2], y[1::2], list("abcde"), args, log=lambda *_: None)
+            for _ in range(2)]
+    (head_a, a), (head_b, b) = runs
+    assert next(head_a.parameters()).device.type == "cpu"  # handed back on the CPU, ready to save
+    assert a["loss"] == b["loss"] and torch.equal(a["probs"], b["probs"]) and a["map3"] >= 0.95
