@@ -27,10 +27,10 @@ def cli(main, parse_args, argv=None):
         sys.stdout = open(os.devnull, "w")
     try:
         return main(parse_args(argv))
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("interrupted: finished embedding chunks are cached; run again to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # train.py adds how far the head phase got
+        print(f"interrupted: {e or 'the vectors computed so far are cached; run again to resume'}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -6,9 +6,13 @@
 
 The spec hash covers everything that changes a vector: the checkpoint's identity (config, tokenizer,
 the size and first and last MiB of each weights file), instruction, max_length, pooling, dim, dtype
-and layer; the text itself is the per-row key. Chunks are written to a temporary name and renamed,
-so a run killed at any moment leaves only complete chunks, and a rerun computes only what is missing.
-Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the ranks share the missing texts.
+and layer; the text itself is the per-row key. A chunk is written every chunk_size texts or every
+chunk_seconds (15 s), whichever comes first, to a temporary name and renamed: a run killed at any
+moment loses at most that much work, and a rerun computes only what is missing. Ctrl-C saves what
+was computed. More than COMPACT_AT chunk files are merged into one at the end of a run. Two runs
+may share a cache folder: nothing is locked, files are only ever added whole or deleted once their
+vectors are in another file. Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the ranks
+share the missing texts.
 """
 
 import atexit
@@ -26,9 +30,11 @@ from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
 from data import atomic_path
-from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, pick_device_dtype, resolve_model_dir
+from qwen_embed import (NonFiniteError, Qwen3Config, Qwen3Embedder, TextTooLongError, pick_device_dtype,
+                        resolve_model_dir)
 
 MIB = 1 << 20
+COMPACT_AT = 8  # chunk files in one cache folder before they are merged into one
 
 
 def checkpoint_identity(folder):
@@ -58,26 +64,39 @@ class Cache:
 
     def load(self, dim):
         """{text key bytes: vector}. A chunk that is unreadable, or whose shapes, dtypes or values
-        are wrong, is deleted (and its texts recomputed) rather than trusted."""
+        are wrong, is deleted (and its texts recomputed) rather than trusted. A chunk that another
+        run merged away while we looked is skipped, and the merged file read instead."""
         for tmp in self.dir.glob(".chunk-*"):  # a chunk half-written by a run killed an hour ago or more
             if time.time() - tmp.stat().st_mtime > 3600:
                 shutil.rmtree(tmp, ignore_errors=True)
-        found = {}
-        for file in sorted(self.dir.glob("chunk-*.safetensors")):
-            try:
-                with safe_open(file, framework="pt") as f:
-                    keys, vectors = f.get_tensor("keys"), f.get_tensor("vectors")
-                ok = (keys.dtype == torch.uint8 and keys.ndim == 2 and keys.shape[1] == 32
-                      and vectors.dtype == torch.float32 and vectors.shape == (len(keys), dim)
-                      and bool(torch.isfinite(vectors).all()))
-            except Exception:
-                ok = False
-            if not ok:
-                print(f"warning: {file}: corrupt cache chunk, deleted; its texts will be recomputed")
-                file.unlink(missing_ok=True)
-                continue
-            found.update(zip(map(bytes, keys.numpy()), vectors))
-        return found
+        found, seen = {}, set()
+        while True:
+            files = [f for f in sorted(self.dir.glob("chunk-*.safetensors")) if f not in seen]
+            if not files:
+                return found
+            for file in files:
+                seen.add(file)
+                chunk = self.read(file, dim)
+                if chunk is not None:
+                    found.update(zip(map(bytes, chunk[0].numpy()), chunk[1]))
+
+    def read(self, file, dim):
+        """(keys, vectors) of one chunk file, or None if it is gone or corrupt (then deleted)."""
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys, vectors = f.get_tensor("keys"), f.get_tensor("vectors")
+            ok = (keys.dtype == torch.uint8 and keys.ndim == 2 and keys.shape[1] == 32
+                  and vectors.dtype == torch.float32 and vectors.shape == (len(keys), dim)
+                  and bool(torch.isfinite(vectors).all()))
+        except FileNotFoundError:
+            return None
+        except Exception:
+            ok = False
+        if not ok:
+            print(f"warning: {file}: corrupt cache chunk, deleted; its texts will be recomputed")
+            file.unlink(missing_ok=True)
+            return None
+        return keys, vectors
 
     def save(self, keys, vectors):
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -86,8 +105,30 @@ class Cache:
             with atomic_path(spec_file) as tmp:
                 tmp.write_text(json.dumps(self.spec, indent=2))
         name = hashlib.sha256(keys.numpy().tobytes()).hexdigest()[:16]
-        with atomic_path(self.dir / f"chunk-{name}.safetensors") as tmp:
+        path = self.dir / f"chunk-{name}.safetensors"
+        with atomic_path(path) as tmp:
             save_file({"keys": keys.contiguous(), "vectors": vectors.contiguous()}, str(tmp))
+        return path
+
+    def compact(self, dim, max_files=COMPACT_AT):
+        """Merge the chunk files into one once there are more than max_files, so that many small
+        (time-limited) chunks never slow a later load. Safe against a kill: the merged file is in
+        place before any chunk is deleted, and duplicates are harmless. Safe against another run
+        on the same cache: only files whose vectors are in the merged file are deleted."""
+        files = sorted(self.dir.glob("chunk-*.safetensors"))
+        if len(files) <= max_files:
+            return
+        merged, read = {}, []
+        for file in files:
+            chunk = self.read(file, dim)
+            if chunk is not None:
+                merged.update(zip(map(bytes, chunk[0].numpy()), chunk[1]))
+                read.append(file)
+        keys = torch.tensor([list(k) for k in merged], dtype=torch.uint8).reshape(len(merged), 32)
+        path = self.save(keys, torch.stack(list(merged.values())) if merged else torch.empty(0, dim))
+        for file in read:
+            if file != path:
+                file.unlink(missing_ok=True)
 
 
 def distributed(device):
@@ -123,7 +164,7 @@ def balance(token_counts, world):
 
 def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", dim=None, layers=(None,),
           device=None, dtype=None, batch_size=None, max_batch_tokens=None, compile=None,
-          cache_dir=".cache/embeddings", chunk_size=1024, progress=True, log=print, ids=None):
+          cache_dir=".cache/embeddings", chunk_size=1024, chunk_seconds=15, progress=True, log=print, ids=None):
     """Vectors for texts, from the cache where present, else computed and cached chunk by chunk.
 
     layers: which hidden states to pool: None = the final normed output, else layer indexes as in
@@ -133,8 +174,9 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
     Under torchrun every rank embeds a share of the missing texts, balanced by tokens; rank 0 gets
     the vectors, the other ranks get None once all chunks are written.
     """
-    for flag, value in (("--cache-chunk", chunk_size), ("--batch-size", batch_size), ("--max-batch-tokens", max_batch_tokens)):
-        if value is not None and value < 1:
+    for flag, value in (("--cache-chunk", chunk_size), ("--cache-seconds", chunk_seconds),
+                        ("--batch-size", batch_size), ("--max-batch-tokens", max_batch_tokens)):
+        if value is not None and value <= 0:
             raise ValueError(f"{flag} must be positive, got {value}")
     device, dtype = pick_device_dtype(device, dtype)
     rank, world, local = distributed(device)
@@ -174,26 +216,48 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
             f"on {device} in {str(dtype).removeprefix('torch.')}" + (f", {world} processes" if world > 1 else ""))
         embedder = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=compile)
         tokens = [len(t) for t in embedder.tokenize([texts[i] for i in todo], instruction, max_length)]
-        mine = balance(tokens, world)[rank] if world > 1 else range(len(todo))
+        mine = balance(tokens, world)[rank] if world > 1 else list(range(len(todo)))
         embedder.maybe_compile(sum(tokens[j] for j in mine), log)
         t0 = time.time()
-        mine = sorted(mine, key=lambda j: tokens[j])  # similar lengths in a chunk: less padding in attention
-        with tqdm(total=len(mine), desc="embedding", unit="text", disable=not progress) as bar:
-            for start in range(0, len(mine), chunk_size):
-                chunk = [todo[j] for j in mine[start:start + chunk_size]]
-                try:
-                    out = embedder.encode([texts[i] for i in chunk], instruction=instruction, batch_size=batch_size,
-                                          max_batch_tokens=max_batch_tokens, max_length=max_length, dim=dim,
-                                          pooling=pooling, progress=False, layers=list(layers))
-                except NonFiniteError as e:  # this chunk is not cached; name the rows, not chunk positions
-                    bad = {texts[chunk[j]] for j in e.indices}
-                    rows = [ids[i] if ids else i for i, t in enumerate(texts) if t in bad]
-                    raise FloatingPointError(f"NaN or Inf in the vectors of rows {rows[:20]}"
-                                             f"{' ...' if len(rows) > 20 else ''}; nothing of them was cached") from None
+        pending, saved, last_save = [], 0, time.monotonic()
+
+        def save_pending():  # one chunk file per layer; a kill at any moment leaves whole files only
+            nonlocal saved, last_save
+            if pending:
+                rows = [todo[mine[j]] for b, _ in pending for j in b]
                 for layer, cache in caches.items():
-                    cache.save(keys[chunk], out[layer])  # saved as soon as computed: nothing lost on a kill
-                    found[layer].update(zip((key_bytes[i] for i in chunk), out[layer]))
-                bar.update(len(chunk))
+                    vectors = torch.cat([v[layer] for _, v in pending])
+                    cache.save(keys[rows], vectors)
+                    found[layer].update(zip((key_bytes[i] for i in rows), vectors))
+                saved += len(rows)
+                pending.clear()
+            last_save = time.monotonic()
+
+        def rows_of(positions):  # positions in mine -> row ids of every row with those texts
+            bad = {texts[todo[mine[j]]] for j in positions}
+            return [ids[i] if ids else i for i, t in enumerate(texts) if t in bad]
+
+        with tqdm(total=len(mine), desc="embedding", unit="text", disable=not progress) as bar:
+            try:
+                for batch, vectors in embedder.stream([texts[todo[j]] for j in mine], instruction, batch_size,
+                                                      max_length, dim, pooling=pooling, layers=list(layers),
+                                                      max_batch_tokens=max_batch_tokens, log=bar.write):
+                    pending.append((batch, vectors))
+                    bar.update(len(batch))
+                    if sum(len(b) for b, _ in pending) >= chunk_size or time.monotonic() - last_save >= chunk_seconds:
+                        save_pending()
+            except NonFiniteError as e:  # that batch is not cached; name the rows, not positions
+                save_pending()
+                rows = rows_of(e.indices)
+                raise FloatingPointError(f"NaN or Inf in the vectors of rows {rows[:20]}"
+                                         f"{' ...' if len(rows) > 20 else ''}; nothing of them was cached") from None
+            except TextTooLongError as e:
+                save_pending()
+                raise MemoryError(f"row {rows_of([e.index])[0]}: its {e.tokens} tokens do not fit in GPU memory "
+                                  f"even alone; the {saved} vectors computed so far are cached; lower "
+                                  f"--max-length") from None
+            finally:  # Ctrl-C too: what was computed is kept
+                save_pending()
         if world > 1:
             summary = (rank, len(mine), sum(tokens[j] for j in mine), time.time() - t0)
             every = [None] * world
@@ -205,4 +269,6 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
         if rank:
             return None
         found = {layer: cache.load(dim or hidden) for layer, cache in caches.items()}
+    for cache in caches.values():
+        cache.compact(dim or hidden)
     return {w: torch.stack([found[layer][k] for k in key_bytes]) for w, layer in zip(wanted, layers)}

@@ -59,7 +59,8 @@ def main(args):
     vectors = embed_cache.embed(texts, spec["model"], instruction=spec["instruction"], max_length=spec["max_length"],
                                 pooling=spec["pooling"], dim=spec["dim"], layers=(spec["layer"],),
                                 device=args.device, dtype=spec["dtype"], batch_size=args.batch_size,
-                                max_batch_tokens=args.max_batch_tokens, compile=args.compile, cache_dir=args.cache_dir, chunk_size=args.cache_chunk, progress=not args.quiet,
+                                max_batch_tokens=args.max_batch_tokens, compile=args.compile, cache_dir=args.cache_dir, chunk_size=args.cache_chunk,
+                            chunk_seconds=args.cache_seconds, progress=not args.quiet,
                                 ids=[row[spec["id_col"]] for row in rows])
     if vectors is None:  # a torchrun rank other than 0: its share is embedded and cached
         return None
@@ -97,7 +98,9 @@ def parse_args(argv=None):
                    "model's blocks; None: when the texts to embed hold 100,000 tokens or more")
     p.add_argument("--head-device", default=None, help="where the heads predict; None: the embedding device")
     p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared with train.py")
-    p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes")
+    p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes, at most")
+    p.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between cache writes, "
+                   "at most (or one batch, if longer): what a kill can lose")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

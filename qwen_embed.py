@@ -375,10 +375,20 @@ class NonFiniteError(FloatingPointError):
         self.indices = indices
 
 
+class TextTooLongError(MemoryError):
+    """One text that does not fit in GPU memory even alone; .index and .tokens say which."""
+
+    def __init__(self, index, tokens):
+        super().__init__(f"text {index} ({tokens} tokens) does not fit in GPU memory even alone; "
+                         f"lower max_length")
+        self.index, self.tokens = index, tokens
+
+
 class Qwen3Embedder:
     def __init__(self, model, tokenizer, device, dtype, name="", compile=None):
         self.model, self.tokenizer, self.device, self.dtype, self.name = model, tokenizer, device, dtype, name
         self.compile, self.compiled = compile, False
+        self.oom_budget = None  # tokens per batch, once a batch has run out of GPU memory
         self.eos_id = tokenizer.token_to_id(EOS)
         if self.eos_id is None:
             raise ValueError(f"{name}: tokenizer.json has no {EOS} token")
@@ -416,7 +426,8 @@ class Qwen3Embedder:
         compiler, the varlen kernel on an unsupported GPU), warn once and run the eager, padded
         reference path from then on: slower, never wrong."""
         try:
-            return self.model(flat, lengths, return_layers=return_layers)
+            out = self.model(flat, lengths, return_layers=return_layers)
+            return out if return_layers else (out, None)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
@@ -429,7 +440,7 @@ class Qwen3Embedder:
             for block in self.model.layers if self.compiled else []:
                 del block.forward  # the class's eager forward again
             self.compile, self.compiled, PackedBatch.varlen_failed = False, False, True
-            return self.model(flat, lengths, return_layers=return_layers)
+            return self.forward(flat, lengths, return_layers)
     @property
     def dim(self):
         return self.model.config.hidden_size
@@ -454,22 +465,6 @@ class Qwen3Embedder:
             raise ValueError(f"texts {bad[:20]} are not valid Unicode (lone surrogates)") from None
         return [e.ids[: max_length - 1] + [self.eos_id] for e in encoded]
 
-    def batches(self, ids, batch_size, max_batch_tokens):
-        """Indices of texts, sorted by length and cut into batches of <= batch_size texts and
-        <= max_batch_tokens tokens. Sorting keeps padding in attention small; packing removes it
-        from everything else."""
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        batch, tokens = [], 0
-        for i in order:
-            if batch and (len(batch) == batch_size or tokens + len(ids[i]) > max_batch_tokens):
-                yield batch
-                batch, tokens = [], 0
-            batch.append(i)
-            tokens += len(ids[i])
-        if batch:
-            yield batch
-
-    @torch.inference_mode()
     def encode(self, texts, instruction=None, batch_size=None, max_length=8192, dim=None,
                normalize=True, progress=True, pooling="last", max_batch_tokens=None, layers=None):
         """Embed texts: a float32 (len(texts), D) CPU tensor, row i for texts[i].
@@ -482,38 +477,83 @@ class Qwen3Embedder:
         batch_size, max_batch_tokens: at most this many texts and tokens per forward pass. None:
         no limit on texts, and tokens by default_batch_tokens (the device, its free memory, the model).
         """
+        self.check(pooling, dim, batch_size, max_batch_tokens)
+        keys = self.layer_keys(layers)
+        out = {key: torch.empty(len(texts), dim or self.dim) for key in keys}
+        with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
+            for batch, vectors in self.stream(texts, instruction, batch_size, max_length, dim, normalize, pooling,
+                                              max_batch_tokens, layers, log=tqdm.write if progress else None):
+                for key in keys:
+                    out[key][batch] = vectors[key]
+                bar.update(len(batch))
+        return out[None] if layers is None else {l: out[k] for l, k in zip(layers, keys)}
+
+    def check(self, pooling, dim, batch_size, max_batch_tokens):
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
         if dim is not None and not 1 <= dim <= self.dim:
             raise ValueError(f"dim must be between 1 and the hidden size {self.dim}, got {dim}")
         if (batch_size is not None and batch_size < 1) or (max_batch_tokens is not None and max_batch_tokens < 1):
             raise ValueError("batch_size and max_batch_tokens must be positive")
-        n_layers = self.model.config.num_hidden_layers
-        if layers is not None and any(l is not None and not -n_layers - 1 <= l <= n_layers for l in layers):
-            raise ValueError(f"layers must be in [-{n_layers + 1}, {n_layers}], got {layers}")
-        keys = [None] if layers is None else [None if l is None else l % (n_layers + 1) for l in layers]
+
+    def layer_keys(self, layers):
+        """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers."""
+        n = self.model.config.num_hidden_layers
+        if layers is not None and any(l is not None and not -n - 1 <= l <= n for l in layers):
+            raise ValueError(f"layers must be in [-{n + 1}, {n}], got {layers}")
+        return [None] if layers is None else [None if l is None else l % (n + 1) for l in layers]
+
+    @torch.inference_mode()
+    def stream(self, texts, instruction=None, batch_size=None, max_length=8192, dim=None, normalize=True,
+               pooling="last", max_batch_tokens=None, layers=None, log=None):
+        """encode, one batch at a time, shortest texts first: yields (indices into texts,
+        {layer key: (len(indices), D) float32 CPU tensor}), so that a caller can save as it goes.
+
+        Texts are sorted by length and cut into batches of <= batch_size texts and <= max_batch_tokens
+        tokens: sorting keeps padding in attention small, packing removes it from everything else.
+        A batch that runs out of GPU memory is retried in halves, and the smaller token budget is
+        kept from then on (said once through log); a text that does not fit alone raises
+        TextTooLongError."""
+        self.check(pooling, dim, batch_size, max_batch_tokens)
+        keys = self.layer_keys(layers)
         need_layers = any(k is not None for k in keys)
-        max_batch_tokens = max_batch_tokens or default_batch_tokens(self.model.config, self.device, self.dtype,
-                                                                    keep_layers=need_layers)
+        log = log or (lambda *_: None)
         ids = self.tokenize(texts, instruction, max_length)
-        self.maybe_compile(sum(map(len, ids)), log=tqdm.write if progress else (lambda *_: None))
-        out = {key: torch.empty(len(ids), dim or self.dim) for key in keys}
-        with tqdm(total=len(ids), desc="embedding", unit="text", disable=not progress) as bar:
-            for batch in self.batches(ids, batch_size or len(ids), max_batch_tokens):
-                lengths = torch.tensor([len(ids[i]) for i in batch])  # stays on the host
-                flat, = to_device([torch.tensor([t for i in batch for t in ids[i]])], self.device)
-                if need_layers:  # keeping every layer's states costs memory: only when asked
-                    hidden, states = self.forward(flat, lengths, return_layers=True)
-                else:
-                    hidden, states = self.forward(flat, lengths, return_layers=False), None
-                for key in keys:
-                    v = self.pool(hidden if key is None else states[key], lengths, pooling, dim, normalize).cpu()
-                    bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
-                    if bad:
-                        raise NonFiniteError(sorted(batch[i] for i in bad))
-                    out[key][batch] = v
-                bar.update(len(batch))
-        return out[None] if layers is None else {l: out[k] for l, k in zip(layers, keys)}
+        self.maybe_compile(sum(map(len, ids)), log)
+        budget = max_batch_tokens or default_batch_tokens(self.model.config, self.device, self.dtype, need_layers)
+        budget = min(budget, self.oom_budget or budget)  # an out-of-memory budget lasts for the whole run
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        start, failed_at = 0, None
+        while start < len(order):
+            end, tokens = start, 0
+            while end < len(order) and end - start < (batch_size or len(order)) and \
+                    (end == start or tokens + len(ids[order[end]]) <= budget):
+                tokens += len(ids[order[end]])
+                end += 1
+            batch = order[start:end]
+            lengths = torch.tensor([len(ids[i]) for i in batch])  # stays on the host
+            flat, = to_device([torch.tensor([t for i in batch for t in ids[i]])], self.device)
+            try:
+                hidden, states = self.forward(flat, lengths, return_layers=need_layers)
+            except torch.OutOfMemoryError:
+                del flat
+                if len(batch) == 1:
+                    raise TextTooLongError(batch[0], tokens) from None
+                budget, failed_at = tokens // 2, failed_at or tokens
+                torch.cuda.empty_cache()
+                continue
+            if failed_at:  # halved until it fitted: say so once, and keep that budget
+                log(f"out of GPU memory with {failed_at} tokens in a batch: carrying on with at most {budget}")
+                self.oom_budget, failed_at = budget, None
+            vectors = {}
+            for key in keys:
+                v = self.pool(hidden if key is None else states[key], lengths, pooling, dim, normalize).cpu()
+                bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
+                if bad:
+                    raise NonFiniteError(sorted(batch[i] for i in bad))
+                vectors[key] = v
+            yield batch, vectors
+            start = end
 
     @staticmethod
     def pool(h, lengths, pooling, dim, normalize):  # h: (N, hidden), lengths: (B,) on the host -> (B, dim) float32

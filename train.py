@@ -8,6 +8,7 @@ change only head flags (--epochs, --lr, --hidden, ...) read the cache and run no
 """
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -98,6 +99,17 @@ def head_device(args):
     return pick_device_dtype(args.head_device or args.device)[0]
 
 
+@contextlib.contextmanager
+def interrupted(progress):
+    """Ctrl-C in the head phase: say how far it got (progress() -> text). Nothing is written then:
+    checkpoints are written whole at the end, never as if an unfinished sweep or CV had finished."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{progress()}; no checkpoint was written (the vectors are cached: "
+                                f"a rerun goes straight to the head)") from None
+
+
 def check_flags(args):
     if args.max_length < 2:
         raise ValueError(f"--max-length must be at least 2 (one text token and EOS), got {args.max_length}")
@@ -145,7 +157,8 @@ def embed_rows(args, texts, rows, log, pooling=None, layers=None):
                             pooling=pooling or args.pooling, dim=args.dim, layers=layers or (args.layer,),
                             device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                             max_batch_tokens=args.max_batch_tokens, compile=args.compile,
-                            cache_dir=args.cache_dir, chunk_size=args.cache_chunk, progress=not args.quiet,
+                            cache_dir=args.cache_dir, chunk_size=args.cache_chunk,
+                            chunk_seconds=args.cache_seconds, progress=not args.quiet,
                             log=log, ids=[row[args.id_col] for row in rows])
     if out is not None:  # None: a torchrun rank other than 0, whose work ends here
         log(f"embeddings: {len(out)} x {tuple(next(iter(out.values())).shape)} in {time.time() - t0:.1f}s")
@@ -158,8 +171,10 @@ def cross_validate(x, y, truth, labels, args, groups, log, quiet=False):
     heads, oof, maps = [], torch.zeros(len(y), len(labels)), []
     for k in range(args.folds):
         tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
-        head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, (lambda *_: None) if quiet else log,
-                                tag=f"fold {k}  ")
+        with interrupted(lambda: f"in fold {k + 1} of {args.folds}" + (f" (val MAP@3 of the folds done: "
+                         f"{', '.join(f'{m:.4f}' for m in maps)})" if maps else "")):
+            head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, (lambda *_: None) if quiet else log,
+                                    tag=f"fold {k}  ")
         heads.append(head)
         oof[va] = best["probs"]
         maps.append(best["map3"])
@@ -202,7 +217,8 @@ def layer_sweep(args, rows, texts, labels, y, tr, va, log, results):
         for layer in layers:
             t0 = time.time()
             x = vectors[pooling][layer]
-            _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, quiet)
+            with interrupted(lambda: f"after {len(table)} of {len(poolings) * len(layers)} layer-sweep heads"):
+                _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, quiet)
             table.append([pooling, "final (normed)" if layer is None else str(layer), f"{best['map3']:.4f}",
                           f"{best['acc']:.4f}", best["epoch"], f"{time.time() - t0:.1f}s"])
     print_table(log, ["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time"], table)
@@ -216,8 +232,11 @@ def head_sweep(args, x, y, labels, tr, va, log, results):
     for trial in range(args.sweep):
         config = sample_head_config(rng)
         t0 = time.time()
-        head, best = train_head(x[tr], y[tr], x[va], y[va], labels, argparse.Namespace(**{**vars(args), **config}),
-                                quiet)
+        with interrupted(lambda: f"after {trial} of {args.sweep} sweep trials" + (
+                f" (best so far: trial {max(trials, key=lambda t: t[0])[1]}, val MAP@3 {max(t[0] for t in trials):.4f}, "
+                f"{json.dumps(max(trials, key=lambda t: t[0])[2])})" if trials else "")):
+            head, best = train_head(x[tr], y[tr], x[va], y[va], labels,
+                                    argparse.Namespace(**{**vars(args), **config}), quiet)
         trials.append((best["map3"], trial, config, head, best, time.time() - t0))
         log(f"trial {trial:3d}: val MAP@3 {best['map3']:.4f}  {json.dumps(config)}  {time.time() - t0:.1f}s")
     trials.sort(key=lambda t: (-t[0], t[1]))
@@ -256,7 +275,8 @@ def main(args, log=print):
         val_idx = torch.arange(len(rows))
         results.update(res)
     else:
-        head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log)
+        with interrupted(lambda: "while training the head"):
+            head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log)
         heads, val_idx, val_probs = [head], va, best["probs"]
         results.update(best_epoch=best["epoch"], val_map3=best["map3"], val_acc=best["acc"], val_loss=best["loss"])
         if len(va):
@@ -315,8 +335,9 @@ def parse_args(argv=None):
                    help="None: bfloat16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else float32 "
                    "(float16 is refused: Qwen3 overflows it)")
     e.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared with evaluate.py")
-    e.add_argument("--cache-chunk", type=int, default=1024,
-                   help="texts embedded between cache writes (a kill loses at most one chunk)")
+    e.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes, at most")
+    e.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between cache writes, "
+                   "at most (or one batch, if longer): what a kill can lose")
     h = p.add_argument_group("head and training")
     h.add_argument("--hidden", type=int, nargs=2, default=[1024, 512], metavar=("H1", "H2"), help="hidden layer sizes")
     h.add_argument("--dropout", type=float, default=0.2, help="on the input and after each hidden layer")

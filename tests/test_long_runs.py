@@ -1,0 +1,153 @@
+"""Long runs lose nothing: time-limited cache writes, compaction, out-of-GPU-memory recovery, two
+runs on one cache, Ctrl-C in the head phase."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import embed_cache
+import train
+from data import read_csv, render
+from qwen_embed import Qwen3Model
+from test_pipeline import write_csv
+from test_reliability import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, embedded
+
+TEXTS = [f"text number {i} " + "word " * (i % 17) for i in range(30)]
+
+
+def chunk_files(cache):
+    return sorted(cache.glob("*/chunk-*.safetensors"))
+
+
+def test_a_chunk_is_written_when_its_time_is_up(tmp_path, tiny):
+    # A count limit never reached: only the time limit writes, once per batch here.
+    embed_cache.embed(TEXTS, str(tiny), cache_dir=tmp_path, chunk_size=10**6, chunk_seconds=1e-9, batch_size=10,
+                      progress=False, log=lambda *_: None, **PINNED_KW)
+    assert [len(load_file(f)["keys"]) for f in chunk_files(tmp_path)] == [10, 10, 10]
+
+
+def test_many_small_chunks_are_compacted_and_load_the_same(tmp_path, tiny):
+    texts = TEXTS * 4 + [t + "!" for t in TEXTS]  # 60 distinct
+    kw = dict(cache_dir=tmp_path, progress=False, log=lambda *_: None, **PINNED_KW)
+    first = embed_cache.embed(texts, str(tiny), chunk_seconds=1e-9, batch_size=5, **kw)[None]
+    assert len(chunk_files(tmp_path)) == 1 and len(cached_keys(tmp_path)) == 60  # 12 chunks, merged into one
+    logs = []
+    again = embed_cache.embed(texts, str(tiny), cache_dir=tmp_path, progress=False, log=logs.append, **PINNED_KW)[None]
+    assert "no forward pass" in logs[0] and torch.equal(first, again)
+
+
+def test_compaction_is_safe_against_a_kill_and_a_concurrent_run(tmp_path, tiny, monkeypatch):
+    spec = {"test": 1}
+    cache = embed_cache.Cache(tmp_path, spec)
+    keys, vectors = embed_cache.text_keys(TEXTS), torch.randn(len(TEXTS), 4)
+    for s in range(0, 30, 3):
+        cache.save(keys[s:s + 3], vectors[s:s + 3])
+    files = chunk_files(tmp_path)
+    # A kill after the merged file is in place but before the chunks are deleted: duplicates only.
+    cache.save(keys, vectors)
+    assert len(cache.load(4)) == 30
+    # A concurrent run merged two chunks away between our listing and our reading: they are skipped,
+    # never reported as corrupt, and the merged file still holds their vectors.
+    original = cache.read
+
+    def other_run_deletes(file, dim):
+        if file in files[:2]:
+            file.unlink(missing_ok=True)
+        return original(file, dim)
+
+    monkeypatch.setattr(cache, "read", other_run_deletes)
+    cache.compact(4, max_files=2)
+    monkeypatch.undo()
+    assert len(chunk_files(tmp_path)) == 1
+    found = cache.load(4)
+    assert torch.equal(torch.stack([found[bytes(k)] for k in keys.numpy()]), vectors)
+
+
+def fail_above(monkeypatch, max_tokens):
+    """Qwen3Model.forward raises CUDA's out-of-memory error for batches over max_tokens tokens."""
+    original = Qwen3Model.forward
+    sizes = []
+
+    def forward(self, input_ids, lengths, return_layers=False):
+        sizes.append((len(input_ids), len(lengths)))
+        if len(input_ids) > max_tokens:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, input_ids, lengths, return_layers)
+
+    monkeypatch.setattr(Qwen3Model, "forward", forward)
+    return sizes
+
+
+def test_out_of_gpu_memory_splits_the_batch_and_keeps_the_smaller_budget(tmp_path, tiny, monkeypatch, capsys):
+    expected = embed_cache.embed(TEXTS, str(tiny), cache_dir=tmp_path / "a", progress=False, log=lambda *_: None,
+                                 **PINNED_KW)[None]
+    sizes = fail_above(monkeypatch, 100)
+    logs = []
+    got = embed_cache.embed(TEXTS, str(tiny), cache_dir=tmp_path / "b", log=logs.append, **PINNED_KW)[None]
+    assert torch.allclose(got, expected, atol=1e-5)
+    said = capsys.readouterr().out
+    assert said.count("out of GPU memory") == 1, said  # said once, then the smaller budget is kept
+    budget = int(said.split("carrying on with at most ")[1].split()[0])
+    first_fit = next(i for i, (n, _) in enumerate(sizes) if n <= 100)  # halved until it fitted, then kept
+    assert budget <= 100 and all(n <= budget or texts == 1 for n, texts in sizes[first_fit:])
+
+
+def test_a_text_too_long_for_the_gpu_alone_is_one_line_after_saving(tmp_path, tiny, monkeypatch):
+    data = tmp_path / "d.csv"
+    rows = ["row_id,StudentExplanation,Category,Misconception"] + [f"r{i},{'short ' * 3}{i},A,NA" for i in range(40)]
+    rows.append("huge," + "long text " * 60 + ",B,NA")
+    data.write_text("\n".join(rows) + "\n")
+    fail_above(monkeypatch, 100)
+    cache = tmp_path / "cache"
+    message = cli_error(train, ["--data", str(data), "--model", str(tiny), *PINNED, "--text-template",
+                                "{StudentExplanation}", "--cache-dir", str(cache), "--quiet", "--batch-size", "8"])
+    from tokenizers import Tokenizer
+    n = len(Tokenizer.from_file(str(tiny / "tokenizer.json")).encode("long text " * 60, add_special_tokens=False).ids)
+    assert f"row huge: its {n + 1} tokens do not fit in GPU memory even alone; the 40 vectors computed so far " \
+           f"are cached; lower --max-length" in message
+    assert len(cached_keys(cache)) == 40
+
+
+def test_two_runs_at_once_on_one_cache(tmp_path, tiny):
+    data = write_csv(tmp_path / "big.csv", n=3000)
+    cache = tmp_path / "cache"
+    argv = [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--model", str(tiny), *PINNED,
+            "--cache-dir", str(cache), "--cache-seconds", "0.05", "--epochs", "1", "--hidden", "8", "8", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv + ["--seed", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=env) for s in (1, 2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "warning" not in out + err, err
+    texts = render(train.MAP_TEMPLATE, read_csv(data)[1])
+    logs = []
+    shared = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=cache, progress=False, log=logs.append,
+                               **PINNED_KW)[None]
+    assert "no forward pass" in logs[0] and len(chunk_files(cache)) <= embed_cache.COMPACT_AT
+    fresh = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=tmp_path / "fresh", progress=False,
+                              log=lambda *_: None, **PINNED_KW)[None]
+    assert torch.allclose(shared, fresh, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, progress", [(["--sweep", "500"], "sweep trials"), (["--folds", "5"], "in fold ")])
+def test_ctrl_c_in_the_head_phase_says_how_far_it_got_and_writes_nothing(tmp_path, tiny, flags, progress):
+    data = write_csv(tmp_path / "train.csv", n=400)
+    base = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(tmp_path / "cache")]
+    train.main(train.parse_args(base + ["--epochs", "1"]), log=lambda *_: None)  # the vectors are cached
+    argv = base + ["--epochs", "40", "--out", str(tmp_path / "out")] + flags
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # into the head phase: the second fold or the second trial
+        if line.startswith(("fold 1", "trial   1")):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.startswith("interrupted: ") and progress in err and "no checkpoint was written" in err, err
+    assert not (tmp_path / "out").exists()
