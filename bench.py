@@ -2,6 +2,7 @@
 
     python bench.py --shape 0.6b --layers 4 --texts 384           # CPU, float32 (a few minutes)
     python bench.py --shape 8b --texts 4096 --device cuda         # GPU, bfloat16
+    python bench.py --head --device cuda                          # the head phase at full MAP size
 
 Weights are random at a real model's shape (--layers keeps CPU runs short: per-layer cost is what
 matters). Texts are ../shared/data/map_dev_sample.csv rendered with train.py's default template
@@ -219,6 +220,26 @@ def main(args):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def bench_head(args):
+    """The head phase at the MAP competition's full size (36,696 rows of 8B vectors, 65 classes),
+    random vectors and labels, train.py's default head flags, K-fold cross-validation."""
+    import train
+    device = pick_device_dtype(args.device)[0]
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(args.head_rows, args.head_dim, generator=g), dim=-1)
+    y = torch.randint(args.head_classes, (args.head_rows,), generator=g)
+    labels = [f"c{i}" for i in range(args.head_classes)]
+    flags = train.parse_args(["--folds", str(args.head_folds), "--epochs", str(args.head_epochs),
+                              "--head-device", str(device)])
+    t = time.perf_counter()
+    train.cross_validate(x, y, [labels[i] for i in y.tolist()], labels, flags, None, log=print, quiet=True)
+    sync(device)
+    seconds, epochs = time.perf_counter() - t, args.head_folds * args.head_epochs
+    print(f"head: {args.head_rows} x {args.head_dim} vectors, {args.head_classes} classes, {args.head_folds} folds x "
+          f"{args.head_epochs} epochs on {device}: {seconds:.1f}s, {seconds / epochs:.2f}s per epoch "
+          f"(5 folds x 30 epochs: {150 * seconds / epochs:.0f}s)")
+
+
 def measure_load(folder, device, dtype):
     with PeakRSS() as mem:
         t = time.perf_counter()
@@ -243,8 +264,17 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default=None)
     p.add_argument("--ours-only", action="store_true", help="skip the reference stack")
     p.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
+    h = p.add_argument_group("--head: time the head phase instead of embedding")
+    h.add_argument("--head", action="store_true")
+    h.add_argument("--head-rows", type=int, default=36696)
+    h.add_argument("--head-dim", type=int, default=4096)
+    h.add_argument("--head-classes", type=int, default=65)
+    h.add_argument("--head-folds", type=int, default=5)
+    h.add_argument("--head-epochs", type=int, default=30)
     a = p.parse_args()
-    if a.measure_load:
+    if a.head:
+        bench_head(a)
+    elif a.measure_load:
         measure_load(a.measure_load, *pick_device_dtype(a.device, a.dtype))
     else:
         main(a)

@@ -30,7 +30,8 @@ def cli(main, parse_args, argv=None):
     except (ValueError, FileNotFoundError, FloatingPointError, MemoryError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:  # train.py adds how far the head phase got
-        print(f"interrupted: {e or 'the vectors computed so far are cached; run again to resume'}", file=sys.stderr)
+        print(f"interrupted: {str(e) or 'the vectors computed so far are cached; run again to resume'}",
+              file=sys.stderr)
         sys.exit(130)
 
 

@@ -15,6 +15,7 @@ vectors are in another file. Under torchrun (`torchrun --nproc_per_node=N train.
 share the missing texts.
 """
 
+import argparse
 import atexit
 import hashlib
 import json
@@ -131,6 +132,27 @@ class Cache:
                 file.unlink(missing_ok=True)
 
 
+def add_flags(p):
+    """The speed and cache flags that train.py and evaluate.py share (None: chosen by the device and
+    the job, as in Qwen3Embedder); run_options(args) turns them into embed()'s arguments."""
+    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass, at most; None: no limit "
+                   "but the token budget")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward pass, at most; None: "
+                   "2048 on CPU, on CUDA from the free GPU memory and the model's shape")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
+                   "model's blocks; None: when the texts to embed hold 100,000 tokens or more")
+    p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared by train.py and evaluate.py")
+    p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes, at most")
+    p.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between cache writes, "
+                   "at most (or one batch, if longer): what a kill can lose")
+
+
+def run_options(args):
+    return dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, compile=args.compile,
+                cache_dir=args.cache_dir, chunk_size=args.cache_chunk, chunk_seconds=args.cache_seconds,
+                progress=not args.quiet)
+
+
 def distributed(device):
     """(rank, world size, local rank) under torchrun, starting PyTorch's process group once;
     (0, 1, 0) in a plain run. One GPU per process and NCCL when embedding on CUDA, else gloo
@@ -244,7 +266,9 @@ def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", di
                                                       max_batch_tokens=max_batch_tokens, log=bar.write):
                     pending.append((batch, vectors))
                     bar.update(len(batch))
-                    if sum(len(b) for b, _ in pending) >= chunk_size or time.monotonic() - last_save >= chunk_seconds:
+                    # The first batch is saved at once: the time before it went to loading and compiling.
+                    if not saved or sum(len(b) for b, _ in pending) >= chunk_size or \
+                            time.monotonic() - last_save >= chunk_seconds:
                         save_pending()
             except NonFiniteError as e:  # that batch is not cached; name the rows, not positions
                 save_pending()

@@ -8,14 +8,17 @@ through the same cache as train.py, so evaluating on training data costs no forw
 
 import argparse
 import csv
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import embed_cache
 from data import (add_answer_is_correct, atomic_path, check_ids, cli, labels_of, read_csv, render, require_columns,
                   template_fields)
+from lora import add_lora, load_adapters, merge_lora
 from mlp_head import load_checkpoint, predict_proba
-from qwen_embed import pick_device_dtype
+from qwen_embed import Qwen3Embedder, pick_device_dtype
 
 
 def map_at_k(truth, predictions, k=3):
@@ -44,6 +47,23 @@ def write_submission(path, ids, predictions, id_col, label_cols):
             w.writerows([i, " ".join(p)] for i, p in zip(ids, predictions))
 
 
+def lora_vectors(args, meta, texts):
+    """A fine-tuned checkpoint: the base model, its adapters merged into the weights once, then
+    plain encode. Not cached: the cache holds the base model's vectors."""
+    spec, lora = meta["embedding"], meta["lora"]
+    print(f"LoRA checkpoint (rank {lora['rank']}): merging the adapters into {spec['model']}; vectors are not cached")
+    embedder = Qwen3Embedder.from_pretrained(spec["model"], device=args.device, dtype=spec["dtype"], compile=args.compile)
+    add_lora(embedder.model, lora["rank"], lora["alpha"], lora["targets"], lora["layers"])
+    file = Path(args.checkpoint) / lora["file"]
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing from the checkpoint")
+    load_adapters(embedder.model, load_file(file), file)
+    merge_lora(embedder.model)
+    return embedder.encode(texts, instruction=spec["instruction"], batch_size=args.batch_size,
+                           max_length=spec["max_length"], dim=spec["dim"], pooling=spec["pooling"],
+                           max_batch_tokens=args.max_batch_tokens, progress=not args.quiet)
+
+
 def main(args):
     heads, meta = load_checkpoint(args.checkpoint)
     spec, labels = meta["embedding"], meta["labels"]
@@ -56,15 +76,16 @@ def main(args):
     require_columns(args.data, columns, template_fields(spec["text_template"]), "the checkpoint's --text-template")
     check_ids(args.data, rows, spec["id_col"])
     texts = render(spec["text_template"], rows)
-    vectors = embed_cache.embed(texts, spec["model"], instruction=spec["instruction"], max_length=spec["max_length"],
-                                pooling=spec["pooling"], dim=spec["dim"], layers=(spec["layer"],),
-                                device=args.device, dtype=spec["dtype"], batch_size=args.batch_size,
-                                max_batch_tokens=args.max_batch_tokens, compile=args.compile, cache_dir=args.cache_dir, chunk_size=args.cache_chunk,
-                            chunk_seconds=args.cache_seconds, progress=not args.quiet,
-                                ids=[row[spec["id_col"]] for row in rows])
-    if vectors is None:  # a torchrun rank other than 0: its share is embedded and cached
-        return None
-    vectors = vectors[spec["layer"]]
+    if meta.get("lora"):
+        vectors = lora_vectors(args, meta, texts)
+    else:
+        vectors = embed_cache.embed(texts, spec["model"], instruction=spec["instruction"],
+                                    max_length=spec["max_length"], pooling=spec["pooling"], dim=spec["dim"],
+                                    layers=(spec["layer"],), device=args.device, dtype=spec["dtype"],
+                                    **embed_cache.run_options(args), ids=[row[spec["id_col"]] for row in rows])
+        if vectors is None:  # a torchrun rank other than 0: its share is embedded and cached
+            return None
+        vectors = vectors[spec["layer"]]
     device = pick_device_dtype(args.head_device or args.device)[0]
     probs = predict_proba([h.to(device) for h in heads], vectors).cpu()
     predictions = top_k(probs, labels)
@@ -90,17 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="CSV to predict; scored when it has the label columns")
     p.add_argument("--out", default=None, help="write a submission CSV here (id, three space-separated labels)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None: cuda if available")
-    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass, at most; None: no limit "
-                   "but the token budget")
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward pass, at most; None: "
-                   "2048 on CPU, on CUDA from the free GPU memory and the model's shape")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
-                   "model's blocks; None: when the texts to embed hold 100,000 tokens or more")
     p.add_argument("--head-device", default=None, help="where the heads predict; None: the embedding device")
-    p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared with train.py")
-    p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes, at most")
-    p.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between cache writes, "
-                   "at most (or one batch, if longer): what a kill can lose")
+    embed_cache.add_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

@@ -39,9 +39,10 @@ class MLPHead(nn.Module):
         return self.net(x)
 
 
-def save_checkpoint(folder, heads, labels, embedding, extra=None, files=None):
+def save_checkpoint(folder, heads, labels, embedding, extra=None, files=None, tensors=None):
     """Write the whole folder under a temporary name, then rename: never half a checkpoint.
-    extra: more meta.json entries (e.g. metrics); files: {name: text} written beside."""
+    extra: more meta.json entries (e.g. metrics); files: {name: text} written beside; tensors:
+    {name: {key: tensor}} written beside as safetensors (LoRA adapters)."""
     names = ["head.safetensors"] if len(heads) == 1 else [f"head-{k}.safetensors" for k in range(len(heads))]
     meta = {"labels": list(labels), "head": heads[0].hparams, "embedding": embedding, "heads": names, **(extra or {})}
     with atomic_path(folder) as tmp:
@@ -51,6 +52,8 @@ def save_checkpoint(folder, heads, labels, embedding, extra=None, files=None):
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        for name, state in (tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name))
     return meta
 
 

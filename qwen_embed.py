@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 from tokenizers import Tokenizer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into this token's state
@@ -222,6 +223,7 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.grad_checkpoint = False  # fine-tuning (train.py --grad-checkpoint): memory for compute
 
     def forward(self, input_ids, lengths, return_layers=False):
         """input_ids: (N,) the texts' tokens concatenated; lengths: (B,) tokens per text, on the host.
@@ -236,7 +238,10 @@ class Qwen3Model(nn.Module):
         cos, sin = rope(batch.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         layers = [x]
         for block in self.layers:
-            x = block(x, cos, sin, batch)
+            if self.grad_checkpoint and torch.is_grad_enabled():  # keep only x; recompute the rest in backward
+                x = checkpoint(block, x, cos, sin, batch, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, batch)
             if return_layers:
                 layers.append(x)
         x = self.norm(x)
@@ -441,6 +446,7 @@ class Qwen3Embedder:
                 del block.forward  # the class's eager forward again
             self.compile, self.compiled, PackedBatch.varlen_failed = False, False, True
             return self.forward(flat, lengths, return_layers)
+
     @property
     def dim(self):
         return self.model.config.hidden_size

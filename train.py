@@ -25,7 +25,8 @@ from data import (CORRECT_SUFFIX, MAP_TEMPLATE, add_answer_is_correct, check_ids
                   map_correct_answers, read_csv, render, require_columns, split, template_fields)
 from evaluate import map_at_k, top_k
 from mlp_head import ACTIVATIONS, MLPHead, predict_proba, save_checkpoint
-from qwen_embed import Qwen3Config, pick_device_dtype, resolve_model_dir
+from lora import add_lora, check_lora
+from qwen_embed import Qwen3Config, Qwen3Embedder, pick_device_dtype, resolve_model_dir, to_device
 
 
 def get_lr(step, total_steps, warmup_steps, max_lr):
@@ -99,6 +100,64 @@ def head_device(args):
     return pick_device_dtype(args.head_device or args.device)[0]
 
 
+def train_lora(args, texts, y, tr, va, labels, log=print):
+    """--lora-rank R: adapters on the frozen Qwen3 (lora.py) and the head, trained together on the
+    pooled EOS state in the same loop as train_head: each step runs the model on a batch of texts,
+    with gradients, instead of reading cached vectors. Returns (head, best epoch, adapter tensors)."""
+    device, dtype = pick_device_dtype(args.device, args.dtype)  # the base stays in dtype, the adapters fp32
+    embedder = Qwen3Embedder.from_pretrained(args.model, device=device, dtype=dtype, compile=False)
+    model = embedder.model
+    model.grad_checkpoint = args.grad_checkpoint
+    torch.manual_seed(args.seed)  # same seed: same adapters, head, batches, dropout
+    lora = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), args.lora_layers)
+    head = MLPHead(args.dim or embedder.dim, len(labels), args.hidden, args.dropout, args.activation,
+                   args.input_norm).to(device)
+    groups = [{"params": list(head.parameters()), "lr": args.lr, "peak": args.lr, "weight_decay": args.weight_decay},
+              {"params": list(lora.values()), "lr": args.lora_lr, "peak": args.lora_lr, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, fused=True)
+    n_params = sum(p.numel() for p in lora.values())
+    log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {args.lora_targets} in the top "
+        f"{args.lora_layers or len(model.layers)} of {len(model.layers)} blocks: {n_params:,} trainable parameters "
+        f"(the model has {sum(p.numel() for p in model.parameters()) - n_params:,}); vectors are not cached")
+    ids = embedder.tokenize(texts, args.instruction, args.max_length)
+
+    def vectors(rows):  # (len(rows), D) pooled and L2-normed, as the frozen path's cached vectors
+        lengths = torch.tensor([len(ids[i]) for i in rows])
+        flat, = to_device([torch.tensor([t for i in rows for t in ids[i]])], device)
+        return embedder.pool(model(flat, lengths), lengths, args.pooling, args.dim, normalize=True)
+
+    steps_per_epoch = math.ceil(len(tr) / args.head_batch_size)
+    total, gen = args.epochs * steps_per_epoch, torch.Generator().manual_seed(args.seed)
+    warmup, best, step = int(args.warmup_frac * total), None, 0
+    y, val_texts = y.to(device), [texts[i] for i in va.tolist()]
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        head.train()
+        train_loss = torch.zeros((), device=device)
+        order = tr[torch.randperm(len(tr), generator=gen)]
+        for start in range(0, len(tr), args.head_batch_size):
+            rows = order[start:start + args.head_batch_size]
+            for group in opt.param_groups:
+                group["lr"] = get_lr(step, total, warmup, group["peak"])
+            loss = F.cross_entropy(head(vectors(rows.tolist())), y[rows.to(device)], label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            train_loss += loss.detach() * len(rows)
+            step += 1
+        x_va = embedder.encode(val_texts, instruction=args.instruction, max_length=args.max_length, dim=args.dim,
+                               pooling=args.pooling, progress=False) if len(va) else torch.empty(0, head.hparams["in_dim"])
+        val_loss, val_acc, val_map, probs = evaluate_head(head, x_va, y[va.to(device)], labels)
+        log(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss.item() / len(tr):.4f}  val loss {val_loss:.4f}  "
+            f"val acc {val_acc:.4f}  val MAP@3 {val_map:.4f}  {time.time() - t0:.2f}s")
+        if best is None or not len(va) or val_map > best["map3"]:
+            best = {"epoch": epoch, "map3": val_map, "acc": val_acc, "loss": val_loss, "probs": probs,
+                    "state": {k: v.clone() for k, v in head.state_dict().items()},
+                    "lora": {k: v.detach().clone() for k, v in lora.items()}}
+    head.load_state_dict(best.pop("state"))
+    return head.cpu().eval(), best, {k: v.cpu() for k, v in best.pop("lora").items()}
+
+
 @contextlib.contextmanager
 def interrupted(progress):
     """Ctrl-C in the head phase: say how far it got (progress() -> text). Nothing is written then:
@@ -123,6 +182,12 @@ def check_flags(args):
         raise ValueError("--epochs and --head-batch-size must be positive, --sweep not negative")
     if (args.sweep or args.layer_sweep or args.compare_pooling) and args.folds:
         raise ValueError("--sweep, --layer-sweep and --compare-pooling use one split: drop --folds")
+    if args.lora_rank:
+        n_layers = Qwen3Config.from_json(resolve_model_dir(args.model) / "config.json").num_hidden_layers
+        check_lora(n_layers, args.lora_rank, args.lora_targets.split(","), args.lora_layers)
+        if args.sweep or args.folds or args.layer_sweep or args.compare_pooling or args.layer is not None:
+            raise ValueError("--lora-rank trains on one split and the final layer: drop --sweep, --folds, "
+                             "--layer-sweep, --compare-pooling and --layer")
 
 
 def load_rows(args, log):
@@ -155,10 +220,7 @@ def embed_rows(args, texts, rows, log, pooling=None, layers=None):
     t0 = time.time()
     out = embed_cache.embed(texts, args.model, instruction=args.instruction, max_length=args.max_length,
                             pooling=pooling or args.pooling, dim=args.dim, layers=layers or (args.layer,),
-                            device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                            max_batch_tokens=args.max_batch_tokens, compile=args.compile,
-                            cache_dir=args.cache_dir, chunk_size=args.cache_chunk,
-                            chunk_seconds=args.cache_seconds, progress=not args.quiet,
+                            device=args.device, dtype=args.dtype, **embed_cache.run_options(args),
                             log=log, ids=[row[args.id_col] for row in rows])
     if out is not None:  # None: a torchrun rank other than 0, whose work ends here
         log(f"embeddings: {len(out)} x {tuple(next(iter(out.values())).shape)} in {time.time() - t0:.1f}s")
@@ -169,15 +231,15 @@ def cross_validate(x, y, truth, labels, args, groups, log, quiet=False):
     """K heads, each validated on its held-out fold -> (heads, out-of-fold probabilities, results)."""
     fold = torch.tensor(kfold(truth, args.folds, groups, args.seed))
     heads, oof, maps = [], torch.zeros(len(y), len(labels)), []
-    for k in range(args.folds):
-        tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
-        with interrupted(lambda: f"in fold {k + 1} of {args.folds}" + (f" (val MAP@3 of the folds done: "
-                         f"{', '.join(f'{m:.4f}' for m in maps)})" if maps else "")):
+    with interrupted(lambda: f"in fold {len(maps) + 1} of {args.folds}" + (f" (val MAP@3 of the folds done: "
+                     f"{', '.join(f'{m:.4f}' for m in maps)})" if maps else "")):
+        for k in range(args.folds):
+            tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
             head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, (lambda *_: None) if quiet else log,
                                     tag=f"fold {k}  ")
-        heads.append(head)
-        oof[va] = best["probs"]
-        maps.append(best["map3"])
+            heads.append(head)
+            oof[va] = best["probs"]
+            maps.append(best["map3"])
     kind = f"grouped by {args.group_col}" if groups else "stratified"
     res = {"fold_map3": maps, "map3_mean": statistics.mean(maps), "map3_std": statistics.stdev(maps),
            "oof_map3": map_at_k(truth, top_k(oof, labels)), "cv": kind}
@@ -213,12 +275,11 @@ def layer_sweep(args, rows, texts, labels, y, tr, va, log, results):
     if any(v is None for v in vectors.values()):  # a torchrun rank other than 0
         return None
     table = []
-    for pooling in poolings:
-        for layer in layers:
+    with interrupted(lambda: f"after {len(table)} of {len(poolings) * len(layers)} layer-sweep heads"):
+        for pooling, layer in ((p, layer) for p in poolings for layer in layers):
             t0 = time.time()
             x = vectors[pooling][layer]
-            with interrupted(lambda: f"after {len(table)} of {len(poolings) * len(layers)} layer-sweep heads"):
-                _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, quiet)
+            _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, quiet)
             table.append([pooling, "final (normed)" if layer is None else str(layer), f"{best['map3']:.4f}",
                           f"{best['acc']:.4f}", best["epoch"], f"{time.time() - t0:.1f}s"])
     print_table(log, ["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time"], table)
@@ -229,16 +290,20 @@ def head_sweep(args, x, y, labels, tr, va, log, results):
     """--sweep N random head configurations on the same vectors and split; the best one is kept."""
     rng = random.Random(args.seed)
     trials = []
-    for trial in range(args.sweep):
-        config = sample_head_config(rng)
-        t0 = time.time()
-        with interrupted(lambda: f"after {trial} of {args.sweep} sweep trials" + (
-                f" (best so far: trial {max(trials, key=lambda t: t[0])[1]}, val MAP@3 {max(t[0] for t in trials):.4f}, "
-                f"{json.dumps(max(trials, key=lambda t: t[0])[2])})" if trials else "")):
+
+    def progress():  # for Ctrl-C
+        best = max(trials, key=lambda t: (t[0], -t[1]), default=None)
+        return f"after {len(trials)} of {args.sweep} sweep trials" + (
+            f" (best so far: trial {best[1]}, val MAP@3 {best[0]:.4f}, {json.dumps(best[2])})" if best else "")
+
+    with interrupted(progress):
+        for trial in range(args.sweep):
+            config = sample_head_config(rng)
+            t0 = time.time()
             head, best = train_head(x[tr], y[tr], x[va], y[va], labels,
                                     argparse.Namespace(**{**vars(args), **config}), quiet)
-        trials.append((best["map3"], trial, config, head, best, time.time() - t0))
-        log(f"trial {trial:3d}: val MAP@3 {best['map3']:.4f}  {json.dumps(config)}  {time.time() - t0:.1f}s")
+            trials.append((best["map3"], trial, config, head, best, time.time() - t0))
+            log(f"trial {trial:3d}: val MAP@3 {best['map3']:.4f}  {json.dumps(config)}  {time.time() - t0:.1f}s")
     trials.sort(key=lambda t: (-t[0], t[1]))
     print_table(log, ["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs", "time"],
                 [[r + 1, t, f"{m:.4f}", "x".join(map(str, c["hidden"])), c["dropout"], f"{c['lr']:.2e}",
@@ -262,21 +327,28 @@ def main(args, log=print):
 
     if args.layer_sweep or args.compare_pooling:
         return layer_sweep(args, rows, texts, labels, y, tr, va, log, results)
-    x = embed_rows(args, texts, rows, log)
-    if x is None:
-        return None
-    x = x[args.layer]
-    if args.sweep:
-        heads, val_idx, val_probs = head_sweep(args, x, y, labels, tr, va, log, results)
-    elif args.folds:
-        if groups is not None:  # the competition's test asks train's questions: stratified CV mimics it
-            results["stratified"] = cross_validate(x, y, truth, labels, args, None, log, quiet=True)[2]
-        heads, val_probs, res = cross_validate(x, y, truth, labels, args, groups, log)
-        val_idx = torch.arange(len(rows))
-        results.update(res)
+    lora = None
+    if args.lora_rank:  # fine-tuning: no cached vectors, they change as the adapters learn
+        with interrupted(lambda: "while fine-tuning"):
+            head, best, lora = train_lora(args, texts, y, tr, va, labels, log)
+        results["lora_trainable_params"] = sum(t.numel() for t in lora.values())
     else:
-        with interrupted(lambda: "while training the head"):
-            head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log)
+        x = embed_rows(args, texts, rows, log)
+        if x is None:
+            return None
+        x = x[args.layer]
+        if args.sweep:
+            heads, val_idx, val_probs = head_sweep(args, x, y, labels, tr, va, log, results)
+        elif args.folds:
+            if groups is not None:  # the competition's test asks train's questions: stratified CV mimics it
+                results["stratified"] = cross_validate(x, y, truth, labels, args, None, log, quiet=True)[2]
+            heads, val_probs, res = cross_validate(x, y, truth, labels, args, groups, log)
+            val_idx = torch.arange(len(rows))
+            results.update(res)
+        else:
+            with interrupted(lambda: "while training the head"):
+                head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log)
+    if not (args.sweep or args.folds):
         heads, val_idx, val_probs = [head], va, best["probs"]
         results.update(best_epoch=best["epoch"], val_map3=best["map3"], val_acc=best["acc"], val_loss=best["loss"])
         if len(va):
@@ -294,9 +366,14 @@ def main(args, log=print):
         w.writerow([args.id_col, "label", "top3"] + [f"p_{label}" for label in labels])
         for i, p, pr in zip(val_idx.tolist(), preds, val_probs.tolist()):
             w.writerow([rows[i][args.id_col], truth[i], " ".join(p)] + [f"{v:.5f}" for v in pr])
+        if lora:  # the adapters beside the head; evaluate.py merges them into the base model's weights
+            results["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
+                               "layers": args.lora_layers, "file": "lora.safetensors"}
         save_checkpoint(args.out, heads, labels, embedding, results,
-                        files={"args.json": json.dumps(vars(args), indent=2), "val_predictions.csv": table.getvalue()})
-        log(f"wrote {args.out}/ (meta.json, {len(heads)} head file(s), args.json, val_predictions.csv)")
+                        files={"args.json": json.dumps(vars(args), indent=2), "val_predictions.csv": table.getvalue()},
+                        tensors={"lora.safetensors": lora} if lora else None)
+        log(f"wrote {args.out}/ (meta.json, {len(heads)} head file(s){', lora.safetensors' if lora else ''}, "
+            f"args.json, val_predictions.csv)")
     return results
 
 
@@ -318,12 +395,6 @@ def parse_args(argv=None):
     e.add_argument("--model", default="Qwen/Qwen3-Embedding-0.6B", help="Hub repo id or local checkpoint folder")
     e.add_argument("--instruction", default=None, help="Qwen3-Embedding instruction ('Instruct: ...\\nQuery:' prefix)")
     e.add_argument("--max-length", type=int, default=512, help="tokens per text, EOS included")
-    e.add_argument("--batch-size", type=int, default=None, help="texts per forward pass, at most; None: no limit "
-                   "but the token budget")
-    e.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward pass, at most; None: "
-                   "2048 on CPU, on CUDA from the free GPU memory and the model's shape")
-    e.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
-                   "model's blocks; None: when the texts to embed hold 100,000 tokens or more")
     e.add_argument("--dim", type=int, default=None, help="keep the first DIM features (Matryoshka)")
     e.add_argument("--pooling", choices=["last", "mean"], default="last", help="last (EOS) token or mean of tokens")
     e.add_argument("--layer", type=int, default=None, help="pool this layer's raw hidden state, 0 = embeddings, "
@@ -334,10 +405,7 @@ def parse_args(argv=None):
     e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="None: bfloat16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else float32 "
                    "(float16 is refused: Qwen3 overflows it)")
-    e.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared with evaluate.py")
-    e.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes, at most")
-    e.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between cache writes, "
-                   "at most (or one batch, if longer): what a kill can lose")
+    embed_cache.add_flags(e)
     h = p.add_argument_group("head and training")
     h.add_argument("--hidden", type=int, nargs=2, default=[1024, 512], metavar=("H1", "H2"), help="hidden layer sizes")
     h.add_argument("--dropout", type=float, default=0.2, help="on the input and after each hidden layer")
@@ -353,6 +421,14 @@ def parse_args(argv=None):
     h.add_argument("--head-device", default=None, help="where the head trains: cpu, cuda, ...; None: the embedding device")
     h.add_argument("--sweep", type=int, default=0, help="try N random head configurations, rank them, save the best")
     h.add_argument("--out", default=None, help="checkpoint folder to write; None: nothing is written")
+    t = p.add_argument_group("fine-tuning the embedder with LoRA (lora.py)")
+    t.add_argument("--lora-rank", type=int, default=0, help="rank of the adapters; 0: frozen vectors (cached)")
+    t.add_argument("--lora-alpha", type=float, default=16, help="the adapters' output is scaled by alpha / rank")
+    t.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="comma-separated linear layers to adapt")
+    t.add_argument("--lora-layers", type=int, default=None, help="adapt the top N blocks; None: all")
+    t.add_argument("--lora-lr", type=float, default=2e-4, help="peak learning rate of the adapters")
+    t.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in the "
+                   "backward pass: less memory, about a third more time")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

@@ -17,3 +17,12 @@ def test_bench_smoke_run():
     for line in table:
         assert float(line.split()[-3]) < 1e-5  # the same vectors as ours
     assert "ours at defaults:" in out.stdout
+
+
+def test_bench_head_smoke_run():
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, str(root / "bench.py"), "--head", "--head-rows", "300", "--head-dim", "32",
+                          "--head-classes", "4", "--head-folds", "2", "--head-epochs", "2", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "head: 300 x 32 vectors, 4 classes, 2 folds x 2 epochs on cpu:" in out.stdout

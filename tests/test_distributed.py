@@ -17,6 +17,7 @@ import evaluate
 import train
 from data import read_csv, render
 from test_pipeline import write_csv
+from test_reliability import cached_keys
 
 ROOT = Path(__file__).parent.parent
 PINNED = ["--device", "cpu", "--dtype", "float32"]  # exact comparisons, on any machine
@@ -84,15 +85,15 @@ def test_killed_rank_leaves_complete_chunks_and_resumes(tmp_path, tiny):
     os.kill(int(workers[1]), signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0  # torchrun stops the other rank and fails
-    n_chunks = len(list(cache.glob("*/chunk-*.safetensors")))
+    done = cached_keys(cache)  # what the ranks had saved when one was killed
     distinct = len(set(render(train.MAP_TEMPLATE, read_csv(data)[1])))
-    assert 50 * n_chunks < distinct
+    assert 0 < len(done) < distinct
 
     proc = torchrun(args)  # rerun with any number of processes: only what is missing is computed
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     cached, computed = map(int, re.search(r"(\d+) cached, computing (\d+)", out).groups())
-    assert computed == distinct - 50 * n_chunks
+    assert computed == distinct - len(done)
     resumed, _ = vectors(data, tiny, cache)
     fresh, _ = vectors(data, tiny, tmp_path / "fresh")
     assert torch.allclose(resumed, fresh, atol=1e-5)

@@ -18,7 +18,7 @@ from test_pipeline import count_forward_passes, write_csv
 def base(tmp_path, tiny):
     data = write_csv(tmp_path / "train.csv")
     return ["--data", str(data), "--model", str(tiny), "--cache-dir", str(tmp_path / "cache"), "--epochs", "2",
-            "--hidden", "16", "8", "--quiet"]
+            "--hidden", "16", "8", "--quiet", "--device", "cpu", "--dtype", "float32"]  # exact comparisons below
 
 
 def test_layer_sweep_one_row_per_layer_one_pass_per_pooling(base, tiny, monkeypatch):
@@ -67,10 +67,11 @@ def test_fold_ensemble_evaluate_averages_heads(tmp_path, base, capsys):
                                               str(tmp_path / "cv")]), log=lambda *_: None)
     assert res["cv"] == "grouped by QuestionId" and res["stratified"]["cv"] == "stratified"
     out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "cv"), "--data", base[1],
-                                             "--cache-dir", base[5], "--quiet"]))
+                                             "--cache-dir", base[5], "--quiet", "--device", "cpu"]))
     heads, meta = load_checkpoint(tmp_path / "cv")
     x = embed_cache.embed(evaluate.render(meta["embedding"]["text_template"], evaluate.read_csv(base[1])[1]),
-                          base[3], max_length=512, cache_dir=base[5], progress=False, log=lambda *_: None)[None]
+                          base[3], max_length=512, cache_dir=base[5], progress=False, log=lambda *_: None,
+                          device="cpu", dtype="float32")[None]
     each = [h(x).softmax(-1) for h in heads]
     assert torch.allclose(out["probs"], sum(each) / 3, atol=1e-6)
     assert not torch.allclose(each[0], each[1])  # the heads differ, so the mean is a real ensemble
@@ -99,5 +100,5 @@ def test_map_correct_flag_reaches_evaluation(tmp_path, base):
     assert meta["embedding"]["correct_answers"]
     test = write_csv(tmp_path / "test.csv", n=10, seed=3)
     out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "mc"), "--data", str(test),
-                                             "--cache-dir", base[5], "--quiet"]))
+                                             "--cache-dir", base[5], "--quiet", "--device", "cpu"]))
     assert len(out["predictions"]) == 10

@@ -1,0 +1,88 @@
+"""LoRA: low-rank adapters on the frozen linear layers of qwen_embed's Qwen3, for fine-tuning.
+
+    adapters = add_lora(model, rank=8, alpha=16, targets=["q", "v"], layers=4)  # the top 4 blocks
+    ...train the adapters (train.py --lora-rank 8 trains them with the head)...
+    merge_lora(model)  # W <- W + (alpha / rank) B A: plain nn.Linear again, no cost at inference
+
+An adapted layer computes W x + (alpha / rank) B (A x). W stays frozen; A (rank, in) starts random
+and B (out, rank) zero, so training starts from the base model's exact outputs and only
+rank * (in + out) numbers per layer learn, instead of in * out. Same maths as peft's LoRA
+(tests/test_lora.py checks the gradients against it).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        # float32 even when the base is bf16: early updates are far below bf16's resolution of W.
+        kw = dict(device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as peft does
+
+    def forward(self, x):  # (N, in) -> (N, out)
+        update = F.linear(F.linear(x.float(), self.lora_A), self.lora_B) * self.scale  # B (A x), low rank
+        return self.base(x) + update.to(x.dtype)
+
+
+def check_lora(n_layers, rank, targets, layers):
+    """One-line errors for bad --lora-* flags."""
+    if rank < 0:
+        raise ValueError(f"--lora-rank must be 0 (no LoRA) or positive, got {rank}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"--lora-targets: unknown {unknown} (choose from {','.join(TARGETS)})")
+    if layers is not None and not 1 <= layers <= n_layers:
+        raise ValueError(f"--lora-layers must be between 1 and the model's {n_layers} layers, got {layers}")
+
+
+def add_lora(model, rank, alpha, targets, layers=None):
+    """Freeze every weight of model, then wrap the targets of the top `layers` blocks (None: all).
+    Returns {name: parameter} of the adapters: what trains, and what a checkpoint saves."""
+    check_lora(len(model.layers), rank, targets, layers)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.layers[len(model.layers) - (layers or len(model.layers)):]:
+        for target in targets:
+            parent, name = TARGETS[target].split(".")
+            parent = getattr(block, parent)
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    return adapters(model)
+
+
+def adapters(model):
+    return {name: p for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def load_adapters(model, tensors, source):
+    """Copy saved adapter tensors into a model prepared by add_lora; name what does not fit."""
+    mine = adapters(model)
+    missing, unexpected = sorted(mine.keys() - tensors.keys()), sorted(tensors.keys() - mine.keys())
+    bad = [k for k in mine.keys() & tensors.keys() if mine[k].shape != tensors[k].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"{source}: adapters do not fit the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, misshapen {bad[:3]})")
+    with torch.no_grad():
+        for name, p in mine.items():
+            p.copy_(tensors[name])
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its weight, W + (alpha / rank) B A, and put the plain layer back."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                w = child.base.weight
+                w.copy_((w.float() + child.scale * child.lora_B @ child.lora_A).to(w.dtype))
+                setattr(module, name, child.base)
