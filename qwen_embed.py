@@ -542,10 +542,12 @@ class Qwen3Embedder:
             try:
                 hidden, states = self.forward(flat, lengths, return_layers=need_layers)
             except torch.OutOfMemoryError:
-                del flat
+                hidden = None  # handled below: out of this clause, the failed batch's tensors are freed
+            if hidden is None:
                 if len(batch) == 1:
-                    raise TextTooLongError(batch[0], tokens) from None
+                    raise TextTooLongError(batch[0], tokens)
                 budget, failed_at = tokens // 2, failed_at or tokens
+                del flat
                 torch.cuda.empty_cache()
                 continue
             if failed_at:  # halved until it fitted: say so once, and keep that budget

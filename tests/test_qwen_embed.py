@@ -298,19 +298,15 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
     """compile=True: the blocks share their graphs, and batches of any shape reuse them: at most
     two (dynamic sizes are assumed != 1, so a batch of one text gets its own), more is an error
     here; the same vectors as the eager path; a compile that fails falls back to eager, warning."""
-    import warnings
-
     import torch._dynamo
     import qwen_embed
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     compiled = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # the fallback's warning would hide a failed compile
-        for kw in ({"batch_size": 2}, {"max_batch_tokens": 40}, {}):
-            assert (compiled.encode(TEXTS, progress=False, **kw) - ours.encode(TEXTS, progress=False)).abs().max() <= TOL
-    assert compiled.compiled
+    for kw in ({"batch_size": 2}, {"max_batch_tokens": 40}, {}):
+        assert (compiled.encode(TEXTS, progress=False, **kw) - ours.encode(TEXTS, progress=False)).abs().max() <= TOL
+        assert compiled.compiled  # a failed compile (or a recompile past the limit) would have fallen back
 
     auto = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32")  # compile=None: by job size
     auto.encode(TEXTS, progress=False)
