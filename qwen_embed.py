@@ -9,6 +9,8 @@ SwiGLU MLP, safetensors loaded straight onto the meta-built model, last-token po
 transformers' `models/qwen3/modeling_qwen3.py` and matches it to float32 rounding (tests/).
 The batch is *packed*: the real tokens of all texts are concatenated, with no padding, so the
 matmuls (almost all of the FLOPs) never touch a pad token; only attention sees the texts apart.
+What is there only for speed sits in its own section ("speed only": torch.compile of the blocks)
+or is marked where it happens (varlen attention, host-side batch metadata, pinned copies).
 """
 
 import inspect
