@@ -124,3 +124,20 @@ def test_bad_lora_flags(tmp_path, tiny, flags, message):
     argv = ["--data", str(data), "--model", str(tiny), "--quiet", "--out", str(tmp_path / "out")] + flags
     assert re.search(message, cli_error(train, argv))
     assert not (tmp_path / "out").exists()
+
+
+def test_grad_checkpoint_gives_the_same_gradients(tiny):
+    grads = []
+    for checkpointing in (False, True):
+        ours = fresh(tiny)
+        torch.manual_seed(0)
+        add_lora(ours.model, rank=4, alpha=8, targets=["q", "o", "down"])
+        randomize_b(ours.model)
+        ours.model.grad_checkpoint = checkpointing
+        ids = ours.tokenize(TEXTS)
+        lengths = torch.tensor([len(i) for i in ids])
+        hidden = ours.model(torch.tensor([t for i in ids for t in i]), lengths)
+        ours.pool(hidden, lengths, "last", None, True).sum().backward()
+        grads.append({n: p.grad for n, p in adapters(ours.model).items()})
+    for name, g in grads[0].items():
+        assert g.abs().max() > 0 and torch.allclose(g, grads[1][name], atol=1e-6), name
