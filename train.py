@@ -4,6 +4,8 @@
 
 The first run embeds every text (the only expensive step) and caches the vectors; later runs that
 change only head flags (--epochs, --lr, --hidden, ...) read the cache and run no forward pass.
+With --lora-rank R the embedder itself is fine-tuned instead: LoRA adapters (lora.py) and the head
+train together in train_lora, on vectors computed afresh at every step.
 `python train.py --help` lists every flag; the work is in main(args), importable by tests.
 """
 
