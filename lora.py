@@ -3,11 +3,14 @@
     adapters = add_lora(model, rank=8, alpha=16, targets=["q", "v"], layers=4)  # the top 4 blocks
     ...train the adapters (train.py --lora-rank 8 trains them with the head)...
     merge_lora(model)  # W <- W + (alpha / rank) B A: plain nn.Linear again, no cost at inference
+    checkpoint_blocks(model)  # train.py --grad-checkpoint: recompute each block in the backward pass
 
 An adapted layer computes W x + (alpha / rank) B (A x). W stays frozen; A (rank, in) starts random
 and B (out, rank) zero, so training starts from the base model's exact outputs and only
 rank * (in + out) numbers per layer learn, instead of in * out. Same maths as peft's LoRA
-(tests/test_lora.py checks the gradients against it).
+(tests/test_lora.py checks the gradients against it). The base may be any frozen linear layer,
+weights.StoredLinear included: adapters on an int8 base are QLoRA's recipe, and stay unmerged
+there (merging would quantize the update away).
 """
 
 import math
@@ -15,13 +18,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank, alpha):
+    def __init__(self, base, rank, alpha):  # base: nn.Linear or weights.StoredLinear
         super().__init__()
         self.base, self.scale = base, alpha / rank
         # float32 even when the base is bf16: early updates are far below bf16's resolution of W.
@@ -79,10 +83,31 @@ def load_adapters(model, tensors, source):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its weight, W + (alpha / rank) B A, and put the plain layer back."""
+    """Fold every adapter whose base is a plain nn.Linear into its weight, W + (alpha / rank) B A,
+    and put the plain layer back. Adapters on a stored base (int8, or bf16 computed in fp32) stay
+    unmerged: rounding the update into that format would lose it. Returns how many stay."""
+    kept = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
+            if isinstance(child, LoRALinear) and type(child.base) is nn.Linear:
                 w = child.base.weight
                 w.copy_((w.float() + child.scale * child.lora_B @ child.lora_A).to(w.dtype))
                 setattr(module, name, child.base)
+            elif isinstance(child, LoRALinear):
+                kept += 1
+    return kept
+
+
+def checkpoint_blocks(model):
+    """Gradient checkpointing, applied at one call site like compile: each block keeps only its
+    input for the backward pass and recomputes the rest there (memory for about a third more time)."""
+    for block in model.layers:
+        block.forward = checkpointed(block.forward)
+
+
+def checkpointed(forward):
+    def run(*args):
+        if torch.is_grad_enabled():  # training: keep only the input, recompute in backward
+            return checkpoint(forward, *args, use_reentrant=False)
+        return forward(*args)
+    return run

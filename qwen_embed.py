@@ -9,11 +9,11 @@ SwiGLU MLP, safetensors loaded straight onto the meta-built model, last-token po
 transformers' `models/qwen3/modeling_qwen3.py` and matches it to float32 rounding (tests/).
 The batch is *packed*: the real tokens of all texts are concatenated, with no padding, so the
 matmuls (almost all of the FLOPs) never touch a pad token; only attention sees the texts apart.
-What is there only for speed sits in its own section ("speed only": torch.compile of the blocks)
-or is marked where it happens (varlen attention, host-side batch metadata, pinned copies).
+Read top to bottom: the config, the model, loading, then Qwen3Embedder. Where the model runs
+(device, dtype, memory) and what is only for speed (varlen kernel, torch.compile) is runtime.py;
+how weights are stored (as shipped, int8) is weights.py.
 """
 
-import inspect
 import json
 import warnings
 from dataclasses import dataclass
@@ -25,40 +25,19 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 from tokenizers import Tokenizer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+import runtime
+import weights
+
 EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into this token's state
-
-try:  # attention straight on packed tokens (FlashAttention, CUDA, bf16), in torch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn
-    VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters)
-except ImportError:
-    varlen_attn, VARLEN_ARGS = None, set()
-
-
-def varlen_usable(device, dtype):
-    return varlen_attn is not None and device.type == "cuda" and dtype == torch.bfloat16
-
-
-def causal_varlen_attn(q, k, v, cu, max_len):
-    """Causal attention within each text of a packed batch; cu: (B+1,) int32 start offsets.
-    The API changed across torch releases: 2.10 takes is_causal, later ones a window, (-1, 0) =
-    everything before and nothing after; enable_gqa came later still, so before it k and v are
-    repeated for each query head of their group. The default scale is ours, head_dim ** -0.5."""
-    kw = {"window_size": (-1, 0)} if "window_size" in VARLEN_ARGS else {"is_causal": True}
-    if "enable_gqa" in VARLEN_ARGS:
-        kw["enable_gqa"] = True
-    elif k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
 # ----------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
 class Qwen3Config:
-    vocab_size: int           # 151669 for every Qwen3 size
+    vocab_size: int           # 151669 in Qwen3-Embedding checkpoints, 151936 in the plain Qwen3 LLMs
     hidden_size: int          # width of the residual stream: 1024 (0.6B), 2560 (4B), 4096 (8B)
     num_hidden_layers: int
     num_attention_heads: int  # query heads
@@ -127,6 +106,29 @@ def apply_rope(x, cos, sin):  # x: (N, heads, head_dim); cos, sin: (N, head_dim)
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+class Packing:
+    """Where each text sits among the N concatenated tokens. lengths: (B,) tokens per text, on the
+    host; text b owns tokens cu[b] : cu[b + 1]. Computed on the host from the lengths and copied to
+    the model's device once, so the device never waits for the host to read a length back."""
+
+    def __init__(self, lengths, device, varlen=False):
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device="cpu")
+        self.B, self.max_len, self.varlen = len(lengths), int(lengths.max()), varlen
+        cu = F.pad(lengths.cumsum(0), (1, 0))                             # (B+1,) start offsets, then N
+        seq = torch.repeat_interleave(torch.arange(self.B), lengths)      # (N,) which text
+        positions = torch.arange(int(cu[-1])) - cu[seq]                   # (N,) restart at 0 per text
+        slot = seq * self.max_len + positions  # each token's place in a right-padded (B, max_len) grid
+        self.positions, self.slot, self.cu = (t.to(device) for t in (positions, slot, cu.to(torch.int32)))
+
+    def to_grid(self, t):  # (N, h, d) -> (B, h, T, d), zeros after each text
+        grid = t.new_zeros(self.B * self.max_len, *t.shape[1:])
+        grid[self.slot] = t
+        return grid.view(self.B, self.max_len, *t.shape[1:]).transpose(1, 2)
+
+    def from_grid(self, grid):  # (B, h, T, d) -> (N, h, d), the real tokens only
+        return grid.transpose(1, 2).reshape(self.B * self.max_len, grid.shape[1], grid.shape[3])[self.slot]
+
+
 class Attention(nn.Module):
     def __init__(self, c: Qwen3Config):
         super().__init__()
@@ -138,13 +140,24 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)  # Qwen3's QK-norm: per head, before RoPE
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, batch):  # x: (N, hidden), N = real tokens of the whole batch
+    def forward(self, x, cos, sin, pack):  # x: (N, hidden), N = real tokens of the whole batch
         N = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(N, self.n_head, self.head_dim))  # (N, n_head, head_dim)
         k = self.k_norm(self.k_proj(x).view(N, self.n_kv, self.head_dim))    # (N, n_kv, head_dim)
         v = self.v_proj(x).view(N, self.n_kv, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.o_proj(batch.attention(q, k, v).reshape(N, -1))
+        if pack.varlen:  # speed only: FlashAttention reads the packed tokens directly (runtime.py)
+            out = runtime.causal_varlen_attn(q, k, v, pack.cu, pack.max_len)
+        else:
+            # SDPA wants a rectangle, so scatter into a right-padded (B, heads, T, head_dim) grid.
+            # Right padding needs no padding mask: under the causal mask a real token attends only
+            # to earlier positions, and every pad comes after every real token of its row. So plain
+            # is_causal=True is exact, SDPA may take its fastest kernels, and the pad rows are dropped.
+            q, k, v = (pack.to_grid(t) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim ** -0.5,
+                                                 enable_gqa=True)  # (B, n_head, T, head_dim)
+            out = pack.from_grid(out)  # (N, n_head, head_dim)
+        return self.o_proj(out.reshape(N, -1))
 
 
 class MLP(nn.Module):
@@ -166,56 +179,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
+    def forward(self, x, cos, sin, pack):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pack)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
-
-
-class PackedBatch:
-    """Where each text sits among the N concatenated tokens, and causal attention within each text.
-
-    lengths: (B,) tokens per text, on the host. Text b owns tokens cu[b] : cu[b + 1]. Everything
-    here is computed on the host and copied once, so the GPU never waits for the CPU to read a
-    length back (and torch.compile sees plain ints, no graph break).
-    """
-
-    varlen_failed = False  # set by Qwen3Embedder.forward if the kernel fails on this GPU
-
-    def __init__(self, lengths, device, dtype):
-        lengths = torch.as_tensor(lengths, dtype=torch.long, device="cpu")
-        self.B, self.max_len, self.N = len(lengths), int(lengths.max()), int(lengths.sum())
-        cu = F.pad(lengths.cumsum(0), (1, 0))                                # (B+1,) start offsets, then N
-        seq = torch.repeat_interleave(torch.arange(self.B), lengths)         # (N,) which text
-        positions = torch.arange(self.N) - cu[seq]                           # (N,) restart at 0 per text
-        slot = seq * self.max_len + positions  # each token's place in a right-padded (B, max_len) grid
-        self.positions, self.slot, self.cu32 = to_device([positions, slot, cu.to(torch.int32)], device)
-        self.varlen = not self.varlen_failed and varlen_usable(device, dtype)
-
-    def attention(self, q, k, v):  # q: (N, n_head, d), k/v: (N, n_kv, d) -> (N, n_head, d)
-        if self.varlen:
-            return causal_varlen_attn(q, k, v, self.cu32, self.max_len)
-        # SDPA wants a rectangle, so scatter into a right-padded (B, max_len) grid. Right padding
-        # needs no padding mask: under the causal mask a real token attends only to earlier
-        # positions, and every pad comes after every real token of its row. So plain is_causal=True
-        # is exact, SDPA may take its fastest kernels, and pad rows (never NaN) are simply dropped.
-        B, T = self.B, self.max_len
-
-        def grid(t):  # (N, h, d) -> (B, h, T, d)
-            g = t.new_zeros(B * T, *t.shape[1:])
-            g[self.slot] = t
-            return g.view(B, T, *t.shape[1:]).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True,
-                                             scale=q.shape[-1] ** -0.5, enable_gqa=True)
-        return out.transpose(1, 2).reshape(B * T, *q.shape[1:])[self.slot]
-
-
-def to_device(tensors, device):
-    """Host tensors to the device; through pinned memory on CUDA, so the copy overlaps GPU work."""
-    if device.type != "cuda":
-        return tensors
-    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
 class Qwen3Model(nn.Module):
@@ -225,7 +192,7 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.grad_checkpoint = False  # fine-tuning (train.py --grad-checkpoint): memory for compute
+        self.varlen = False  # set by the embedder where runtime.varlen_usable (speed only)
 
     def forward(self, input_ids, lengths, return_layers=False):
         """input_ids: (N,) the texts' tokens concatenated; lengths: (B,) tokens per text, on the host.
@@ -234,142 +201,103 @@ class Qwen3Model(nn.Module):
         num_hidden_layers + 1 residual-stream states (embeddings, then after each layer), un-normed.
         """
         x = self.embed_tokens(input_ids)  # (N, hidden)
-        batch = PackedBatch(lengths, x.device, x.dtype)
+        pack = Packing(lengths, x.device, self.varlen)
         # RoPE angles are computed here, not kept as buffers: a buffer built on the meta device
         # would stay empty after loading. Positions restart at 0 for every text.
-        cos, sin = rope(batch.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope(pack.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         layers = [x]
         for block in self.layers:
-            if self.grad_checkpoint and torch.is_grad_enabled():  # keep only x; recompute the rest in backward
-                x = checkpoint(block, x, cos, sin, batch, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, batch)
+            x = block(x, cos, sin, pack)
             if return_layers:
                 layers.append(x)
         x = self.norm(x)
         return (x, layers) if return_layers else x
 
 
-# ----------------------------------------------------------------------------- speed only
-
-COMPILE_MIN_TOKENS = 100_000  # compile=None compiles jobs this large (Qwen3Embedder.maybe_compile)
-
-
-def compile_blocks(model):
-    """torch.compile each block, nothing else: it fuses RMSNorm, RoPE, SwiGLU and the residual adds
-    into a few kernels (run eagerly on a GPU, these passes over memory take longer than the 0.6B's
-    matmuls). The code compiled is the code above; compile=False runs it eagerly, as the reference.
-    All blocks share one graph and the token count is a dynamic size, so it compiles once per run,
-    not once per layer or per batch shape, and inductor caches the result on disk for later runs."""
-    for block in model.layers:
-        block.forward = torch.compile(block.forward, dynamic=True)
-
-
 # ----------------------------------------------------------------------------- loading
 
-def resolve_model_dir(name_or_path, revision=None):
-    """A local directory as is; otherwise a Hugging Face repo id, downloaded into the standard cache.
-
-    Only config, tokenizer and safetensors files are fetched (never pickled weights or code);
-    HF_HUB_OFFLINE=1 makes this read the cache alone.
-    """
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        if folder.exists() or str(name_or_path).startswith((".", "/", "~")):
-            raise FileNotFoundError(f"{name_or_path}: not a model directory")
-        from huggingface_hub import snapshot_download
-        try:
-            folder = Path(snapshot_download(str(name_or_path), revision=revision,
-                                            allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-        except Exception as e:  # offline with an empty cache, unknown repo, no network, bad revision...
-            raise FileNotFoundError(f"{name_or_path}: not a local directory and not fetched from the "
-                                    f"Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    for needed in ("config.json", "tokenizer.json"):
-        if not (folder / needed).is_file():
-            raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
-    return folder
-
-
-def load_weights(model, folder, device, dtype):
-    """Fill a meta-device model from model.safetensors or a sharded index, straight in dtype/device."""
-    folder = Path(folder)
+def weight_files(folder):
+    """The safetensors files of a checkpoint folder: model.safetensors, or a sharded index's files."""
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    for name in names:
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name}: weights file missing")
+    return [folder / name for name in names]
+
+
+def our_key(key):
+    """Qwen3 LLM checkpoints prefix the decoder with "model." and add an lm_head that an embedder
+    never uses (None: skipped, never read); Qwen3-Embedding checkpoints have neither."""
+    return None if key.startswith("lm_head.") else key.removeprefix("model.")
+
+
+def checkpoint_tensors(folder):
+    """{our key: (shape, dtype on disk)} from the safetensors headers: what choose_format weighs."""
+    out = {}
+    for file in weight_files(folder):
+        try:
+            header = weights.read_header(file)
+        except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        out.update({our_key(k): v for k, v in header.items() if our_key(k)})
+    return out
+
+
+def load_weights(model, folder, device, dtype, fmt="none"):
+    """Fill a meta-built model from the safetensors, one tensor at a time, each straight into its
+    stored form (weights.py: as shipped or int8) on device: never a second copy of the model."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = {}
-    for name in files:
-        file = folder / name
-        if not file.exists():
-            raise FileNotFoundError(f"{file}: weights file missing")
+    for file in weight_files(Path(folder)):
         try:
+            offsets = weights.read_header(file, offsets=True)
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    # Qwen3 LLM checkpoints prefix the decoder with "model." and add an lm_head
-                    # that an embedder never uses; Qwen3-Embedding checkpoints have neither.
-                    ours = key.removeprefix("model.")
-                    if key.startswith("lm_head."):
+                    ours = our_key(key)
+                    if ours is None:
                         continue
-                    t = f.get_tensor(key)
-                    if ours in expected and t.shape != expected[ours]:
-                        raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, "
-                                         f"config.json implies {tuple(expected[ours])}")
-                    state[ours] = t.to(device=device, dtype=dtype)  # one tensor at a time: no 2nd copy
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if ours in expected and shape != tuple(expected[ours]):
+                        raise ValueError(f"{file}: {key} has shape {shape}, config.json implies {tuple(expected[ours])}")
+                    state[ours], scale = weights.read_stored(f, key, fmt, dtype, device, file, offsets[key])
+                    if scale is not None:
+                        state[ours.removesuffix("weight") + "scale"] = scale
         except SafetensorError as e:
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    loaded = {k for k in state if not k.endswith(".scale")}
+    missing, unexpected = sorted(expected.keys() - loaded), sorted(loaded - expected.keys())
     if missing or unexpected:
         raise ValueError(f"{folder}: checkpoint does not fit config.json: "
                          f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), "
                          f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+    weights.apply_format(model, state, dtype)
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def cpu_has_native_bf16():
-    """AVX-512 BF16 or AMX: bf16 matmuls run about 2x fp32's FLOP rate (and halve the memory).
-    Without them bf16 is emulated, several times slower than fp32."""
-    return any(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)() for name in ("avx512_bf16", "amx_tile"))
-
-
-def pick_device_dtype(device=None, dtype=None):
-    """Default: CUDA + bfloat16 when a GPU is present; else CPU, in bfloat16 where the CPU has native
-    bf16 matmuls and float32 where it does not (see cpu_has_native_bf16)."""
+def load_tokenizer(folder):
     try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r} (try 'cpu', 'cuda' or 'cuda:1')") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but no CUDA GPU is available")
-    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-             "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
-    dtype = names.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if dtype == torch.float16:
-        raise ValueError("float16 is not supported: Qwen3's activations overflow it; use bfloat16")
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"unknown dtype {dtype!r} (use 'bfloat16' or 'float32')")
-    return device, dtype
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:
+        raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+    tokenizer.no_truncation()  # we truncate ourselves, keeping EOS last
+    tokenizer.no_padding()     # and pack instead of padding
+    return tokenizer
 
 
-def default_batch_tokens(config, device, dtype, keep_layers=False):
-    """Tokens per forward pass when the caller does not say. CPU: 2048, the fastest measured on a
-    2-core machine (larger batches fall out of cache: 16384 was 25-35% slower). CUDA: as many as
-    fit in a third of the free memory, counting one layer's live activations per token (q, k, v,
-    the attention output and the padded grid, the MLP's three intermediate-wide tensors and a
-    few residual-wide ones; with keep_layers, every layer's output too), at most 65536: a GPU
-    needs tens of thousands of tokens per matmul to be busy, and texts are sorted by length, so
-    a big batch costs no extra padding."""
-    if device.type != "cuda":
-        return 2048
-    c = config
-    per_token = dtype.itemsize * (8 * c.hidden_size + 3 * c.intermediate_size
-                                  + 4 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-                                  + keep_layers * (c.num_hidden_layers + 1) * c.hidden_size)
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1024, min(65536, free // 3 // per_token)))
+def plan_batches(lengths, max_tokens, max_texts=None):
+    """Cut texts into batches, shortest first: lists of indices into lengths, each batch at most
+    max_texts texts and max_tokens tokens (a text longer than max_tokens gets a batch of its own).
+    Sorting keeps padding in attention small; packing removes it from everything else."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, tokens = [], 0
+    for i in order:
+        if not batches or tokens + lengths[i] > max_tokens or len(batches[-1]) == (max_texts or len(order) + 1):
+            batches.append([])
+            tokens = 0
+        batches[-1].append(i)
+        tokens += lengths[i]
+    return batches
 
 
 # ----------------------------------------------------------------------------- embedder
@@ -383,71 +311,45 @@ class NonFiniteError(FloatingPointError):
 
 
 class TextTooLongError(MemoryError):
-    """One text that does not fit in GPU memory even alone; .index and .tokens say which."""
+    """One text that does not fit in device memory even alone; .index and .tokens say which."""
 
     def __init__(self, index, tokens):
-        super().__init__(f"text {index} ({tokens} tokens) does not fit in GPU memory even alone; "
+        super().__init__(f"text {index} ({tokens} tokens) does not fit in device memory even alone; "
                          f"lower max_length")
         self.index, self.tokens = index, tokens
 
 
 class Qwen3Embedder:
-    def __init__(self, model, tokenizer, device, dtype, name="", compile=None):
+    def __init__(self, model, tokenizer, device, dtype, name="", compile=None, weight_format="none"):
         self.model, self.tokenizer, self.device, self.dtype, self.name = model, tokenizer, device, dtype, name
-        self.compile, self.compiled = compile, False
-        self.oom_budget = None  # tokens per batch, once a batch has run out of GPU memory
+        self.compile, self.compiled, self.weight_format = compile, False, weight_format
+        self.model.varlen = runtime.varlen_usable(device, dtype)
+        self.oom_budget = None  # tokens per batch, once a batch has run out of device memory
         self.eos_id = tokenizer.token_to_id(EOS)
         if self.eos_id is None:
             raise ValueError(f"{name}: tokenizer.json has no {EOS} token")
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None, compile=None):
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None, compile=None, quantize="auto",
+                        max_memory=None, log=None):
         """compile: True, False (the eager reference path), or None: when a job is big enough to
-        repay it (maybe_compile)."""
-        device, dtype = pick_device_dtype(device, dtype)
-        folder = resolve_model_dir(name_or_path, revision)
+        repay it (maybe_compile). quantize: "none" (weights as shipped), "int8", or "auto": as
+        shipped if they fit the memory budget with room for a batch, else int8 (weights.choose_format);
+        max_memory: that budget in GB (None: what the device has free). log: where the one line on
+        the chosen format goes."""
+        device, dtype = runtime.pick_device_dtype(device, dtype)
+        folder = runtime.resolve_model_dir(name_or_path, revision)
         config = Qwen3Config.from_json(folder / "config.json")
+        tokenizer = load_tokenizer(folder)
+        fmt, why = weights.choose_format(quantize, checkpoint_tensors(folder), config, dtype,
+                                         runtime.room_batch_tokens(config, device, dtype),
+                                         runtime.memory_budget(device, max_memory))
+        (log or (lambda *_: None))(why)
         with torch.device("meta"):  # shapes only: no memory, no random init
             model = Qwen3Model(config)
-        load_weights(model, folder, device, dtype)
-        try:
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:
-            raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
-        tokenizer.no_truncation()  # we truncate ourselves, keeping EOS last
-        tokenizer.no_padding()     # and pack instead of padding
-        return cls(model.eval(), tokenizer, device, dtype, str(name_or_path), compile)
-
-    def maybe_compile(self, n_tokens, log=print):
-        """compile=None compiles for jobs of COMPILE_MIN_TOKENS tokens or more: there the one-time
-        cost (measured on CPU: 7-15 s, 2 s once cached on disk) is small against the work."""
-        if self.compiled or self.compile is False or (self.compile is None and n_tokens < COMPILE_MIN_TOKENS):
-            return
-        log("compiling the model's blocks with torch.compile: once per run, longer the first time, "
-            "cached on disk after (compile=False or --no-compile runs eagerly)")
-        compile_blocks(self.model)
-        self.compiled = True
-
-    def forward(self, flat, lengths, return_layers):
-        """The model on one packed batch. If a fast path fails (torch.compile without a working
-        compiler, the varlen kernel on an unsupported GPU), warn once and run the eager, padded
-        reference path from then on: slower, never wrong."""
-        try:
-            out = self.model(flat, lengths, return_layers=return_layers)
-            return out if return_layers else (out, None)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:
-            fast = [name for name, on in (("torch.compile", self.compiled), ("varlen attention",
-                    varlen_usable(self.device, self.dtype) and not PackedBatch.varlen_failed)) if on]
-            if not fast:
-                raise
-            warnings.warn(f"{' and '.join(fast)} failed ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
-                          f"running the eager reference path instead")
-            for block in self.model.layers if self.compiled else []:
-                del block.forward  # the class's eager forward again
-            self.compile, self.compiled, PackedBatch.varlen_failed = False, False, True
-            return self.forward(flat, lengths, return_layers)
+        with runtime.compact_heap():
+            load_weights(model, folder, device, dtype, fmt)
+        return cls(model.eval(), tokenizer, device, dtype, str(name_or_path), compile, fmt)
 
     @property
     def dim(self):
@@ -483,98 +385,125 @@ class Qwen3Embedder:
         for the final normed output, or a layer index (0 = the embeddings, num_hidden_layers = the
         last layer's raw output, negative from the end), un-normed.
         batch_size, max_batch_tokens: at most this many texts and tokens per forward pass. None:
-        no limit on texts, and tokens by default_batch_tokens (the device, its free memory, the model).
+        no limit on texts, and tokens by runtime.default_batch_tokens (the device and the model).
         """
-        self.check(pooling, dim, batch_size, max_batch_tokens)
-        keys = self.layer_keys(layers)
+        ids = self.tokenize(texts, instruction, max_length)
+        keys = [(pooling, key) for key in self.layer_keys([None] if layers is None else layers)]
+        batches = self.stream(ids, keys, dim, normalize, batch_size, max_batch_tokens, tqdm.write if progress else None)
         out = {key: torch.empty(len(texts), dim or self.dim) for key in keys}
         with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
-            for batch, vectors in self.stream(texts, instruction, batch_size, max_length, dim, normalize, pooling,
-                                              max_batch_tokens, layers, log=tqdm.write if progress else None):
+            for batch, vectors in batches:
                 for key in keys:
                     out[key][batch] = vectors[key]
                 bar.update(len(batch))
-        return out[None] if layers is None else {l: out[k] for l, k in zip(layers, keys)}
+        return out[keys[0]] if layers is None else {layer: out[key] for layer, key in zip(layers, keys)}
 
-    def check(self, pooling, dim, batch_size, max_batch_tokens):
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+    def layer_keys(self, layers):
+        """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers."""
+        n = self.model.config.num_hidden_layers
+        if any(layer is not None and not -n - 1 <= layer <= n for layer in layers):
+            raise ValueError(f"layers must be in [-{n + 1}, {n}], got {layers}")
+        return [None if layer is None else layer % (n + 1) for layer in layers]
+
+    def check(self, keys, dim, batch_size, max_batch_tokens):
+        if any(pooling not in ("last", "mean") for pooling, _ in keys):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {sorted({p for p, _ in keys})}")
         if dim is not None and not 1 <= dim <= self.dim:
             raise ValueError(f"dim must be between 1 and the hidden size {self.dim}, got {dim}")
         if (batch_size is not None and batch_size < 1) or (max_batch_tokens is not None and max_batch_tokens < 1):
             raise ValueError("batch_size and max_batch_tokens must be positive")
 
-    def layer_keys(self, layers):
-        """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers."""
-        n = self.model.config.num_hidden_layers
-        if layers is not None and any(l is not None and not -n - 1 <= l <= n for l in layers):
-            raise ValueError(f"layers must be in [-{n + 1}, {n}], got {layers}")
-        return [None] if layers is None else [None if l is None else l % (n + 1) for l in layers]
+    def stream(self, ids, keys, dim=None, normalize=True, batch_size=None, max_batch_tokens=None, log=None):
+        """Embed tokenized texts one batch at a time, shortest first, in ONE forward pass for every
+        (pooling, layer) key asked: an iterator of (indices into ids, {key: (len(indices), D) float32
+        CPU tensor}), so that a caller can save as it goes. A batch that runs out of device memory is
+        retried in halves and the smaller budget kept (said once through log). The arguments are
+        checked here, before the first batch."""
+        self.check(keys, dim, batch_size, max_batch_tokens)
+        return self.batches(ids, keys, dim, normalize, batch_size, max_batch_tokens, log or (lambda *_: None))
 
     @torch.inference_mode()
-    def stream(self, texts, instruction=None, batch_size=None, max_length=8192, dim=None, normalize=True,
-               pooling="last", max_batch_tokens=None, layers=None, log=None):
-        """encode, one batch at a time, shortest texts first: yields (indices into texts,
-        {layer key: (len(indices), D) float32 CPU tensor}), so that a caller can save as it goes.
-
-        Texts are sorted by length and cut into batches of <= batch_size texts and <= max_batch_tokens
-        tokens: sorting keeps padding in attention small, packing removes it from everything else.
-        A batch that runs out of GPU memory is retried in halves, and the smaller token budget is
-        kept from then on (said once through log); a text that does not fit alone raises
-        TextTooLongError."""
-        self.check(pooling, dim, batch_size, max_batch_tokens)
-        keys = self.layer_keys(layers)
-        need_layers = any(k is not None for k in keys)
-        log = log or (lambda *_: None)
-        ids = self.tokenize(texts, instruction, max_length)
-        self.maybe_compile(sum(map(len, ids)), log)
-        budget = max_batch_tokens or default_batch_tokens(self.model.config, self.device, self.dtype, need_layers)
-        budget = min(budget, self.oom_budget or budget)  # an out-of-memory budget lasts for the whole run
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        start, failed_at = 0, None
-        while start < len(order):
-            end, tokens = start, 0
-            while end < len(order) and end - start < (batch_size or len(order)) and \
-                    (end == start or tokens + len(ids[order[end]]) <= budget):
-                tokens += len(ids[order[end]])
-                end += 1
-            batch = order[start:end]
-            lengths = torch.tensor([len(ids[i]) for i in batch])  # stays on the host
-            flat, = to_device([torch.tensor([t for i in batch for t in ids[i]])], self.device)
-            try:
-                hidden, states = self.forward(flat, lengths, return_layers=need_layers)
-            except torch.OutOfMemoryError:
-                hidden = None  # handled below: out of this clause, the failed batch's tensors are freed
-            if hidden is None:
+    def batches(self, ids, keys, dim, normalize, batch_size, max_batch_tokens, log):
+        lengths = [len(i) for i in ids]
+        self.maybe_compile(sum(lengths), log)
+        need_layers = any(layer is not None for _, layer in keys)
+        budget = max_batch_tokens or runtime.default_batch_tokens(self.model.config, self.device, self.dtype,
+                                                                  need_layers)
+        pending, failed_at = plan_batches(lengths, min(budget, self.oom_budget or budget), batch_size)[::-1], None
+        while pending:
+            batch = pending.pop()
+            states = self.run_batch(ids, batch, need_layers)
+            if states is None:  # out of memory: halve the budget and cut what is left again with it
                 if len(batch) == 1:
-                    raise TextTooLongError(batch[0], tokens)
-                budget, failed_at = tokens // 2, failed_at or tokens
-                del flat
-                torch.cuda.empty_cache()
+                    raise TextTooLongError(batch[0], lengths[batch[0]])
+                tokens = sum(lengths[i] for i in batch)
+                failed_at, self.oom_budget = failed_at or tokens, tokens // 2
+                rest = batch + [i for b in pending for i in b]
+                pending = [[rest[j] for j in b] for b in plan_batches([lengths[i] for i in rest], self.oom_budget,
+                                                                      batch_size)][::-1]
                 continue
-            if failed_at:  # halved until it fitted: say so once, and keep that budget
-                log(f"out of GPU memory with {failed_at} tokens in a batch: carrying on with at most {budget}")
-                self.oom_budget, failed_at = budget, None
-            vectors = {}
-            for key in keys:
-                v = self.pool(hidden if key is None else states[key], lengths, pooling, dim, normalize).cpu()
-                bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
-                if bad:
-                    raise NonFiniteError(sorted(batch[i] for i in bad))
-                vectors[key] = v
-            yield batch, vectors
-            start = end
+            if failed_at:  # halved until it fitted: say so once; the smaller budget lasts for the run
+                log(f"out of GPU memory with {failed_at} tokens in a batch: carrying on with at most {self.oom_budget}")
+                failed_at = None
+            yield batch, self.pool_all(states, [lengths[i] for i in batch], batch, keys, dim, normalize)
+
+    def run_batch(self, ids, batch, need_layers):
+        """The model on one packed batch -> (final normed states, layer states or None), or None if
+        it ran out of device memory. If a fast path fails (torch.compile without a working compiler,
+        the varlen kernel on an unsupported GPU), warn once and run the eager, padded reference
+        path from then on: slower, never wrong."""
+        flat = torch.tensor([t for i in batch for t in ids[i]]).to(self.device)
+        lengths = torch.tensor([len(ids[i]) for i in batch])  # stays on the host
+        try:
+            out = self.model(flat, lengths, return_layers=need_layers)
+            return out if need_layers else (out, None)
+        except Exception as e:
+            if not runtime.is_out_of_memory(e) and not (self.compiled or self.model.varlen):
+                raise
+            failure = None if runtime.is_out_of_memory(e) else f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        # Out of the except clause, the failed batch's tensors (held by the traceback) are freed.
+        if failure is None:
+            del flat
+            runtime.empty_cache(self.device)
+            return None
+        fast = [name for name, on in (("torch.compile", self.compiled), ("varlen attention", self.model.varlen)) if on]
+        warnings.warn(f"{' and '.join(fast)} failed ({failure}); running the eager reference path instead")
+        runtime.uncompile_blocks(self.model)
+        self.compile, self.compiled, self.model.varlen = False, False, False
+        return self.run_batch(ids, batch, need_layers)
+
+    def maybe_compile(self, n_tokens, log=print):
+        """compile=None compiles for jobs of runtime.COMPILE_MIN_TOKENS tokens or more: there the
+        one-time cost (measured on CPU: 7-15 s, 2 s once cached on disk) is small against the work."""
+        if self.compiled or self.compile is False or (self.compile is None and n_tokens < runtime.COMPILE_MIN_TOKENS):
+            return
+        log("compiling the model's blocks with torch.compile: once per run, longer the first time, "
+            "cached on disk after (compile=False or --no-compile runs eagerly)")
+        runtime.compile_blocks(self.model)
+        self.compiled = True
+
+    def pool_all(self, states, lengths, batch, keys, dim, normalize):
+        """{(pooling, layer): (B, D) float32 CPU vectors}; NaN or Inf raises NonFiniteError."""
+        final, layers = states
+        lengths = torch.tensor(lengths)
+        vectors = {}
+        for pooling, layer in keys:
+            v = self.pool(final if layer is None else layers[layer], lengths, pooling, dim, normalize).cpu()
+            bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
+            if bad:
+                raise NonFiniteError(sorted(batch[i] for i in bad))
+            vectors[pooling, layer] = v
+        return vectors
 
     @staticmethod
     def pool(h, lengths, pooling, dim, normalize):  # h: (N, hidden), lengths: (B,) on the host -> (B, dim) float32
         if pooling == "last":
             # The last real token, found from the lengths. Never search for the pad id: in Qwen3
             # it is the same id as EOS.
-            ends, = to_device([lengths.cumsum(0) - 1], h.device)
-            v = h[ends].float()
+            v = h[(lengths.cumsum(0) - 1).to(h.device)].float()
         else:
-            seq, n = to_device([torch.repeat_interleave(torch.arange(len(lengths)), lengths), lengths], h.device)
+            seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(h.device)
             v = torch.zeros(len(lengths), h.shape[1], device=h.device).index_add_(0, seq, h.float())
-            v = v / n[:, None]
+            v = v / lengths.to(h.device)[:, None]
         v = v[:, :dim] if dim else v
         return F.normalize(v, dim=-1) if normalize else v

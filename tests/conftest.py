@@ -1,6 +1,6 @@
 import pytest
 
-from tiny_checkpoint import make_checkpoint
+from random_checkpoint import make_checkpoint
 
 
 @pytest.fixture(scope="session")

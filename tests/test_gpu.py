@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-import qwen_embed
-from qwen_embed import PackedBatch, Qwen3Embedder, default_batch_tokens
-from tiny_checkpoint import CORPUS, make_checkpoint
+import runtime
+from qwen_embed import Qwen3Embedder
+from random_checkpoint import CORPUS, make_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # Texts of 20-300 tokens, so that batches mix lengths.
-TEXTS = [" ".join(CORPUS[i % len(CORPUS)] for i in range(k, k + 1 + k % 7)) for k in range(40)]
+MIXED_TEXTS = [" ".join(CORPUS[i % len(CORPUS)] for i in range(k, k + 1 + k % 7)) for k in range(40)]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def reference(model_dir):
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     ref = transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     with torch.no_grad():
-        batch = tok(TEXTS, padding=True, return_tensors="pt").to("cuda")
+        batch = tok(MIXED_TEXTS, padding=True, return_tensors="pt").to("cuda")
         return F.normalize(ref.cuda().eval()(**batch).last_hidden_state[:, -1], dim=-1).cpu()
 
 
@@ -41,38 +41,38 @@ def cosines(a, b):
 def test_bf16_defaults_match_the_fp32_reference(model_dir, reference, compile):
     ours = Qwen3Embedder.from_pretrained(model_dir, compile=compile)  # defaults: cuda, bfloat16
     assert ours.device.type == "cuda" and ours.dtype == torch.bfloat16
-    got = ours.encode(TEXTS, progress=False)
-    assert ours.compiled == compile and not PackedBatch.varlen_failed  # no fast path fell back
+    got = ours.encode(MIXED_TEXTS, progress=False)
+    assert ours.compiled == compile and ours.model.varlen == runtime.varlen_usable(ours.device, ours.dtype)  # no fallback
     assert cosines(got, reference).min() >= 0.9995
-    alone = torch.cat([ours.encode([t], progress=False) for t in TEXTS[:8]])
+    alone = torch.cat([ours.encode([t], progress=False) for t in MIXED_TEXTS[:8]])
     assert cosines(alone, got[:8]).min() >= 0.9999  # a text alone vs inside a batch
 
 
 def test_varlen_and_padded_attention_agree(model_dir):
-    if not qwen_embed.varlen_usable(torch.device("cuda"), torch.bfloat16):
+    if not runtime.varlen_usable(torch.device("cuda"), torch.bfloat16):
         pytest.skip(f"torch {torch.__version__} has no usable torch.nn.attention.varlen")
     ours = Qwen3Embedder.from_pretrained(model_dir, compile=False)
-    varlen = ours.encode(TEXTS, progress=False)
-    assert not PackedBatch.varlen_failed
-    PackedBatch.varlen_failed = True  # forces the padded SDPA path
-    try:
-        padded = ours.encode(TEXTS, progress=False)
-    finally:
-        PackedBatch.varlen_failed = False
+    varlen = ours.encode(MIXED_TEXTS, progress=False)
+    assert ours.model.varlen  # did not fall back
+    ours.model.varlen = False  # forces the padded SDPA path
+    padded = ours.encode(MIXED_TEXTS, progress=False)
     assert cosines(varlen, padded).min() >= 0.9999
 
 
 def test_compiled_matches_eager_in_fp32(model_dir):
-    eager = Qwen3Embedder.from_pretrained(model_dir, dtype="float32", compile=False).encode(TEXTS, progress=False)
+    eager = Qwen3Embedder.from_pretrained(model_dir, dtype="float32", compile=False).encode(MIXED_TEXTS, progress=False)
     compiled = Qwen3Embedder.from_pretrained(model_dir, dtype="float32", compile=True)
-    got = compiled.encode(TEXTS, progress=False)
+    got = compiled.encode(MIXED_TEXTS, progress=False)
     assert compiled.compiled and (got - eager).abs().max().item() <= 1e-5
 
 
-def test_default_token_budget_follows_the_free_memory(model_dir):
-    ours = Qwen3Embedder.from_pretrained(model_dir, compile=False)
-    budget = default_batch_tokens(ours.model.config, ours.device, ours.dtype)
-    assert 1024 <= budget <= 65536
+def test_int8_agrees_with_bf16_as_shipped_at_the_8b_width(tmp_path):
+    """4 layers of the 8B's exact shape in bf16: int8 weights give the same vectors to cosine 0.999."""
+    folder = make_checkpoint(tmp_path / "m", layers=4, hidden=4096, heads=32, kv_heads=8, head_dim=128,
+                             intermediate=12288, dtype=torch.bfloat16)
+    shipped = Qwen3Embedder.from_pretrained(folder, quantize="none").encode(MIXED_TEXTS, progress=False)
+    int8 = Qwen3Embedder.from_pretrained(folder, quantize="int8").encode(MIXED_TEXTS, progress=False)
+    assert cosines(shipped, int8).min() >= 0.999
 
 
 def test_head_trains_on_the_gpu_with_the_same_numbers_for_the_same_seed():

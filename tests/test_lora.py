@@ -12,11 +12,9 @@ import transformers
 
 import evaluate
 import train
-from lora import TARGETS, adapters, add_lora, merge_lora
+from lora import TARGETS, adapters, add_lora, checkpoint_blocks, merge_lora
 from qwen_embed import Qwen3Embedder
-from test_pipeline import write_csv
-from test_qwen_embed import TEXTS
-from test_reliability import PINNED, cli_error
+from helpers import PINNED, TEXTS, cli_error, write_csv
 
 
 def fresh(tiny):
@@ -133,7 +131,8 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny):
         torch.manual_seed(0)
         add_lora(ours.model, rank=4, alpha=8, targets=["q", "o", "down"])
         randomize_b(ours.model)
-        ours.model.grad_checkpoint = checkpointing
+        if checkpointing:
+            checkpoint_blocks(ours.model)
         ids = ours.tokenize(TEXTS)
         lengths = torch.tensor([len(i) for i in ids])
         hidden = ours.model(torch.tensor([t for i in ids for t in i]), lengths)

@@ -11,16 +11,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from qwen_embed import Qwen3Config, Qwen3Embedder
-from tiny_checkpoint import make_checkpoint
-
-TEXTS = [
-    "What fraction of the shape is not shaded?",
-    "a",
-    "One third is equal to three ninths because 6 over 9 is 2 thirds, so 1/3 is not shaded at all.",
-    "Ünïcödé 日本語 🙂\nnew line, \"quotes\"",
-    "12345",
-    "I think the answer is 1/3 because you divide 9 by 3 and get 3. " * 4,
-]
+from helpers import TEXTS
+from random_checkpoint import make_checkpoint
 TOL = 1e-5
 
 
@@ -254,7 +246,7 @@ def test_varlen_attention_glue(ours, monkeypatch, api):
     """The CUDA-only varlen kernel cannot run here; a stand-in with its documented semantics (per
     text from cu_seq; causal by window (-1, 0) or is_causal; k/v heads shared only with enable_gqa)
     checks that we call each generation of the API (torch 2.10, 2.11-2.12, 2.13) correctly."""
-    import qwen_embed
+    import runtime
     calls = []
 
     def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
@@ -270,27 +262,26 @@ def test_varlen_attention_glue(ours, monkeypatch, api):
         return out
 
     padded = ours.encode(TEXTS, batch_size=4, progress=False)
-    monkeypatch.setattr(qwen_embed, "varlen_attn", fake_varlen_attn)
-    monkeypatch.setattr(qwen_embed, "VARLEN_ARGS", api)
-    monkeypatch.setattr(qwen_embed, "varlen_usable", lambda device, dtype: True)
+    monkeypatch.setattr(runtime, "varlen_attn", fake_varlen_attn)
+    monkeypatch.setattr(runtime, "VARLEN_ARGS", api)
+    monkeypatch.setattr(ours.model, "varlen", True)  # what the embedder sets where runtime.varlen_usable
     packed = ours.encode(TEXTS, batch_size=4, progress=False)
     assert calls and max(calls) == 4
     assert (packed - padded).abs().max().item() <= TOL
 
 
 def test_a_failing_fast_path_falls_back_to_the_reference_path(ours, monkeypatch):
-    import qwen_embed
+    import runtime
     expected = ours.encode(TEXTS, progress=False)
 
     def broken(*args, **kwargs):
         raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore detail")
 
-    monkeypatch.setattr(qwen_embed, "varlen_attn", broken)
-    monkeypatch.setattr(qwen_embed, "varlen_usable", lambda device, dtype: True)
-    monkeypatch.setattr(qwen_embed.PackedBatch, "varlen_failed", False)
+    monkeypatch.setattr(runtime, "varlen_attn", broken)
+    monkeypatch.setattr(ours.model, "varlen", True)
     with pytest.warns(UserWarning, match="varlen attention failed .RuntimeError: FlashAttention only supports"):
         got = ours.encode(TEXTS, batch_size=2, progress=False)
-    assert qwen_embed.PackedBatch.varlen_failed  # warned once, padded SDPA from then on
+    assert not ours.model.varlen  # warned once, padded SDPA from then on
     assert (got - expected).abs().max().item() <= TOL
 
 
@@ -299,7 +290,7 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
     two (dynamic sizes are assumed != 1, so a batch of one text gets its own), more is an error
     here; the same vectors as the eager path; a compile that fails falls back to eager, warning."""
     import torch._dynamo
-    import qwen_embed
+    import runtime
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
@@ -311,7 +302,7 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
     auto = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32")  # compile=None: by job size
     auto.encode(TEXTS, progress=False)
     assert not auto.compiled
-    monkeypatch.setattr(qwen_embed, "COMPILE_MIN_TOKENS", 10)
+    monkeypatch.setattr(runtime, "COMPILE_MIN_TOKENS", 10)
     logs = []
     auto.maybe_compile(20, log=logs.append)
     assert auto.compiled and "compiling" in logs[0]
@@ -320,7 +311,7 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
         for block in model.layers:
             block.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("inductor: no C++ compiler found"))
 
-    monkeypatch.setattr(qwen_embed, "compile_blocks", broken_compile)
+    monkeypatch.setattr(runtime, "compile_blocks", broken_compile)
     failing = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=True)
     with pytest.warns(UserWarning, match="torch.compile failed .RuntimeError: inductor: no C"):
         got = failing.encode(TEXTS, progress=False)

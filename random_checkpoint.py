@@ -1,21 +1,32 @@
-"""Write a tiny random Qwen3 checkpoint laid out like the Hub's Qwen3-Embedding repos.
+"""Write a random Qwen3 checkpoint laid out like the Hub's repos, tiny or at a real model's shape.
 
-    python tests/tiny_checkpoint.py DIR [--layers 2 --hidden 64 ...]
+    python random_checkpoint.py DIR                                   # tiny: 2 layers, hidden 64
+    python random_checkpoint.py DIR --shape 8b --dtype bfloat16 --shards 4 --prefix model. \
+        --tokenizer ../shared/tokenizer/tokenizer.json                # Qwen3-8B's exact shape, 16.4 GB
 
-Real weights cannot be downloaded in CI, so tests (and quick manual runs of train.py) use these:
-config.json, model.safetensors (every weight random, norms included), a small byte-level BPE
-tokenizer.json trained on a fixed corpus, and the files that let transformers and
-sentence-transformers load the same folder (tokenizer_config.json, modules.json, 1_Pooling/).
-Needs only torch, safetensors and tokenizers, so the reference stack loads it with its own code.
+Real weights cannot be downloaded in CI, so tests, benchmarks and memory measurements use these:
+config.json, safetensors (every weight random, norms included; each tensor seeded by its name, so
+sharding and prefixes change nothing; written a shard at a time, so an 8B fits in RAM), a small
+byte-level BPE tokenizer.json trained on a fixed corpus (or a given one), and the files that let
+transformers and sentence-transformers load the same folder. Needs only torch, safetensors and
+tokenizers, so the reference stack loads it with its own code.
 """
 
 import argparse
 import json
+import zlib
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+SHAPES = {  # the real Qwen3 shapes (vocabulary: 151669 in the embedding models, 151936 in the LLMs)
+    "0.6b": dict(layers=28, hidden=1024, heads=16, kv_heads=8, head_dim=128, intermediate=3072),
+    "4b": dict(layers=36, hidden=2560, heads=32, kv_heads=8, head_dim=128, intermediate=9728),
+    "8b": dict(layers=36, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=12288),
+    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32, intermediate=96),
+}
 
 CORPUS = [
     "What fraction of the shape is not shaded? Give your answer in its simplest form.",
@@ -67,7 +78,24 @@ def make_checkpoint(folder, layers=2, hidden=64, heads=4, kv_heads=2, head_dim=3
         config["rope_theta"] = 1000000.0
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
-    g = torch.Generator().manual_seed(seed)
+    shapes = tensor_shapes(vocab, hidden, layers, heads, kv_heads, head_dim, intermediate, prefix)
+    names = sorted(shapes)
+    weight_map = {}
+    for s in range(shards):
+        file = "model.safetensors" if shards == 1 else f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: random_tensor(n.removeprefix(prefix), shapes[n], seed, dtype) for n in names[s::shards]}
+        save_file(part, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+        del part  # one shard in memory at a time
+    if shards > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    write_reference_files(folder, hidden)
+    return folder
+
+
+def tensor_shapes(vocab, hidden, layers, heads, kv_heads, head_dim, intermediate, prefix=""):
+    """{name: shape} of a Qwen3 checkpoint, as the Hub's files name them."""
     shapes = {"embed_tokens.weight": (vocab, hidden), "norm.weight": (hidden,)}
     for i in range(layers):
         p = f"layers.{i}."
@@ -81,27 +109,14 @@ def make_checkpoint(folder, layers=2, hidden=64, heads=4, kv_heads=2, head_dim=3
             p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
             p + "mlp.down_proj.weight": (hidden, intermediate),
         })
-    weights = {}
-    for name, shape in shapes.items():
-        if len(shape) == 1:  # norm weights around 1, but not 1, so a skipped or misplaced norm shows
-            weights[prefix + name] = (1 + 0.3 * torch.randn(shape, generator=g)).to(dtype)
-        else:
-            weights[prefix + name] = (torch.randn(shape, generator=g) / shape[-1] ** 0.5).to(dtype)
-    if prefix:  # an LLM checkpoint also has an lm_head, which the embedder ignores
-        weights["lm_head.weight"] = torch.randn(vocab, hidden, generator=g).to(dtype)
-    names = sorted(weights)
-    if shards == 1:
-        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for s in range(shards):
-            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-            part = {n: weights[n] for n in names[s::shards]}
-            save_file(part, str(folder / file), metadata={"format": "pt"})
-            weight_map.update({n: file for n in part})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shapes = {prefix + name: shape for name, shape in shapes.items()}
+    if prefix:  # an LLM checkpoint also has an lm_head, which the embedder never reads
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
 
-    # What transformers' AutoTokenizer and sentence-transformers read, as in the Qwen3-Embedding repos.
+
+def write_reference_files(folder, hidden):
+    """What transformers' AutoTokenizer and sentence-transformers read, as in the Qwen3-Embedding repos."""
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "padding_side": "left", "model_max_length": 4096}))
@@ -114,14 +129,35 @@ def make_checkpoint(folder, layers=2, hidden=64, heads=4, kv_heads=2, head_dim=3
         "word_embedding_dimension": hidden, "pooling_mode_lasttoken": True, "pooling_mode_mean_tokens": False,
         "pooling_mode_cls_token": False, "include_prompt": True}))
     (folder / "2_Normalize").mkdir(exist_ok=True)
-    return folder
+
+
+def random_tensor(name, shape, seed, dtype):
+    """Norm weights around 1, but not 1, so a skipped or misplaced norm shows; matrices with unit
+    variance outputs. Seeded by the name, so a tensor is the same in any shard or layout."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if len(shape) == 1:
+        return (1 + 0.3 * torch.randn(shape, generator=g)).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    for start in range(0, shape[0], 8192):  # in blocks of rows: no float32 copy of a whole 8B table
+        block = torch.randn((min(8192, shape[0] - start), shape[1]), generator=g) / shape[-1] ** 0.5
+        out[start:start + len(block)] = block
+    return out
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("folder")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="a real Qwen3 shape, or tiny")
+    for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate"):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="override the shape's value")
+    ap.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's")
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer.json to copy (default: a tiny trained one)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--prefix", default="", help="'model.' for the LLM layout (with an lm_head)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    print(make_checkpoint(a.folder, layers=a.layers, hidden=a.hidden, seed=a.seed))
+    shape = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in SHAPES[a.shape].items()}
+    print(make_checkpoint(a.folder, **shape, seed=a.seed, prefix=a.prefix, shards=a.shards, tokenizer=a.tokenizer,
+                          vocab_size=a.vocab_size, dtype=getattr(torch, a.dtype)))

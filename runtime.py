@@ -1,0 +1,238 @@
+"""Where the model runs: the checkpoint folder, the device, the compute dtype, the memory there is,
+and the speed-only paths (FlashAttention on packed tokens, torch.compile). None of this changes a
+vector beyond rounding; qwen_embed.py reads as the plain forward pass because it lives here.
+
+    folder = resolve_model_dir("Qwen/Qwen3-8B")        # a local folder, or fetched from the Hub
+    device, dtype = pick_device_dtype()                # cuda + bf16 on Ampere+, fp32 on a T4, ...
+    free = memory_budget(device)                       # bytes this process may fill there
+"""
+
+import ctypes
+import inspect
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+GB = 1e9  # memory is reported in decimal GB, as the Hub and GPU spec sheets do
+
+
+# ----------------------------------------------------------------------------- the checkpoint folder
+
+def resolve_model_dir(name_or_path, revision=None):
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded into the standard cache.
+
+    Only config, tokenizer and safetensors files are fetched (never pickled weights or code);
+    HF_HUB_OFFLINE=1 makes this read the cache alone.
+    """
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        if folder.exists() or str(name_or_path).startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{name_or_path}: not a model directory")
+        from huggingface_hub import snapshot_download
+        try:
+            folder = Path(snapshot_download(str(name_or_path), revision=revision,
+                                            allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        except Exception as e:  # offline with an empty cache, unknown repo, no network, bad revision...
+            raise FileNotFoundError(f"{name_or_path}: not a local directory and not fetched from the "
+                                    f"Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for needed in ("config.json", "tokenizer.json"):
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
+    return folder
+
+
+# ----------------------------------------------------------------------------- device and dtype
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def cpu_has_native_bf16():
+    """AVX-512 BF16 or AMX: bf16 matmuls run about 2x fp32's FLOP rate (and halve the memory).
+    Without them bf16 is emulated, several times slower than fp32 (5.5x measured on an AVX2 CPU)."""
+    return any(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)() for name in ("avx512_bf16", "amx_tile"))
+
+
+def default_dtype(device):
+    """bf16 where the hardware computes it natively: CUDA from compute capability 8.0 (Ampere) and
+    CPUs with AVX-512 BF16 or AMX. Elsewhere float32: a T4, V100 or P100 has no bf16 tensor cores,
+    and float16 is no way out (Qwen3's MLP activations overflow it: NaN vectors). MPS: float32, as
+    nothing faster has been measured there."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float32
+
+
+def pick_device(device=None):
+    """torch.device: as given, else CUDA when a GPU is present, else MPS (Apple Silicon), else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r} (try 'cpu', 'cuda', 'cuda:1' or 'mps')") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend and hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"device {device} asked for, but this machine or torch build has none")
+    return device
+
+
+def pick_device_dtype(device=None, dtype=None):
+    """(torch.device, torch.dtype): pick_device(device), and dtype as given or default_dtype(device)."""
+    device = pick_device(device)
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    dtype = default_dtype(device) if dtype is None else dtype
+    if dtype == torch.float16:
+        raise ValueError("float16 is not supported: Qwen3's activations overflow it; use bfloat16 or float32")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"unknown dtype {dtype!r} (use 'bfloat16' or 'float32')")
+    return device, dtype
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------- memory
+
+def host_available():
+    """Bytes of RAM a new allocation can take without swapping: MemAvailable on Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget(device, max_memory_gb=None):
+    """(bytes, how it was found) this process may fill on device: --max-memory if given; else free
+    GPU memory on CUDA, the recommended working set on MPS, available RAM on the host. Under
+    torchrun the ranks of a node share it (each holds its own copy of the model)."""
+    if max_memory_gb is not None:
+        if max_memory_gb <= 0:
+            raise ValueError(f"--max-memory must be positive, got {max_memory_gb}")
+        return int(max_memory_gb * GB), f"--max-memory {max_memory_gb:g}"
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"{device} has {{}} free"
+    elif device.type == "mps":
+        free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+        where = "mps has {} of its recommended working set free"
+    else:
+        free, where = host_available(), "this machine has {} of RAM available"
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if ranks > 1:
+        free, where = free // ranks, where + f", shared by {ranks} processes"
+    return free, where.format(f"{free / GB:.1f} GB")
+
+
+@contextmanager
+def compact_heap():
+    """While loading weights: keep every allocation of 1 MiB or more in its own mapping (glibc only).
+    glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB); then
+    blocks of a few MiB come from the heap, where the long-lived weights interleave with the loader's
+    temporaries, and the gaps these leave can never go back to the OS. Measured loading the 8B shape
+    in int8: 11.1 GB resident for 7.6 GB of weights with the default, 7.8 GB with this. After loading,
+    32 MiB: the ceiling the default reaches anyway, so the forward pass runs as it always did."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt if os.confstr("CS_GNU_LIBC_VERSION") else None
+    except (AttributeError, OSError, ValueError):
+        mallopt = None
+    if mallopt:
+        mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        if mallopt:
+            mallopt(-3, 32 << 20)
+
+
+def empty_cache(device):
+    """Give cached blocks back after an out-of-memory error, where the backend has such a cache."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "empty_cache"):
+        backend.empty_cache()
+
+
+def is_out_of_memory(error):
+    """CUDA raises torch.OutOfMemoryError; MPS (and some other backends) a RuntimeError saying so."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def default_batch_tokens(config, device, dtype, keep_layers=False):
+    """Tokens per forward pass when the caller does not say.
+
+    Not CUDA: 2048, the fastest measured on a 2-core CPU (larger batches fall out of cache: 16384 was
+    25-35% slower); with keep_layers (every layer's state kept until pooling) fewer, so that the kept
+    states stay under 256 MiB. CUDA: as many as fit in a third of the free memory (budget, default
+    torch.cuda.mem_get_info), counting one layer's live activations per token (activation_bytes;
+    with keep_layers, every layer's output too), between 1024 and 65536: a GPU
+    needs tens of thousands of tokens per matmul to be busy, and texts are sorted by length, so a
+    big batch costs no extra padding."""
+    kept = keep_layers * (config.num_hidden_layers + 1) * config.hidden_size * dtype.itemsize
+    if device.type != "cuda":
+        return 2048 if not kept else int(max(64, min(2048, (256 << 20) // kept)))
+    free = torch.cuda.mem_get_info(device)[0]
+    return int(max(1024, min(65536, free // 3 // (kept + activation_bytes(config, dtype)))))
+
+
+def room_batch_tokens(config, device, dtype, keep_layers=False):
+    """The batch that the weight-format check (weights.choose_format) keeps room for: the default
+    off CUDA; on CUDA the smallest default (1024 tokens), as the default there grows into whatever
+    memory the weights leave."""
+    return 1024 if device.type == "cuda" else default_batch_tokens(config, device, dtype, keep_layers)
+
+
+def activation_bytes(c, dtype):
+    """Bytes of one layer's live activations per token: q, k, v, the attention output and the padded
+    grid, the MLP's three intermediate-wide tensors and a few residual-wide ones."""
+    return dtype.itemsize * (8 * c.hidden_size + 3 * c.intermediate_size
+                             + 4 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim)
+
+
+# ----------------------------------------------------------------------------- speed only
+
+try:  # attention straight on packed tokens (FlashAttention; CUDA, bf16), torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+    VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters)
+except ImportError:
+    varlen_attn, VARLEN_ARGS = None, set()
+
+
+def varlen_usable(device, dtype):
+    return varlen_attn is not None and device.type == "cuda" and dtype == torch.bfloat16
+
+
+def causal_varlen_attn(q, k, v, cu, max_len):
+    """Causal attention within each text of a packed batch; cu: (B+1,) int32 start offsets.
+    The API changed across torch releases: 2.10 takes is_causal, later ones a window, (-1, 0) =
+    everything before and nothing after; enable_gqa came later still, so before it k and v are
+    repeated for each query head of their group. The default scale is ours, head_dim ** -0.5."""
+    kw = {"window_size": (-1, 0)} if "window_size" in VARLEN_ARGS else {"is_causal": True}
+    if "enable_gqa" in VARLEN_ARGS:
+        kw["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+COMPILE_MIN_TOKENS = 100_000  # compile=None compiles jobs this large (Qwen3Embedder.maybe_compile)
+
+
+def compile_blocks(model):
+    """torch.compile each block, nothing else: it fuses RMSNorm, RoPE, SwiGLU and the residual adds
+    into a few kernels (run eagerly on a GPU, these passes over memory take longer than the 0.6B's
+    matmuls). The code compiled is qwen_embed's; compile=False runs it eagerly, as the reference.
+    All blocks share one graph and the token count is a dynamic size, so it compiles once per run,
+    not once per layer or per batch shape, and inductor caches the result on disk for later runs."""
+    for block in model.layers:
+        block.forward = torch.compile(block.forward, dynamic=True)
+
+
+def uncompile_blocks(model):
+    for block in model.layers:
+        block.__dict__.pop("forward", None)  # the class's eager forward again
