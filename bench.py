@@ -27,17 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent / "tests"))
-from data import MAP_TEMPLATE, read_csv, render  # noqa: E402
-from qwen_embed import Qwen3Config, Qwen3Embedder, default_batch_tokens, pick_device_dtype  # noqa: E402
-from tiny_checkpoint import make_checkpoint  # noqa: E402
+from data import MAP_TEMPLATE, read_csv, render
+from qwen_embed import Qwen3Config, Qwen3Embedder
+from random_checkpoint import SHAPES, make_checkpoint
+from runtime import default_batch_tokens, dtype_name, pick_device_dtype
 
 SHARED = Path(__file__).parent.parent / "shared"
-SHAPES = {  # the real Qwen3-Embedding shapes
-    "0.6b": dict(layers=28, hidden=1024, heads=16, kv_heads=8, head_dim=128, intermediate=3072),
-    "8b": dict(layers=36, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=12288),
-    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32, intermediate=96),  # smoke test
-}
 
 
 def load_texts(n, seed=0):
@@ -117,105 +112,134 @@ def timed(name, fn, device):
     return {"name": name, "seconds": seconds, "vectors": vecs.float().cpu(), "peak_bytes": peak}
 
 
+def write_checkpoint(args, folder, shape):
+    """A random checkpoint at the shape, stored in --weights-dtype (bf16 as every Qwen3 release ships)."""
+    t = time.perf_counter()
+    tokenizer = SHARED / "tokenizer" / "tokenizer.json"
+    real_tokenizer = tokenizer.exists() and args.shape != "tiny"
+    make_checkpoint(folder, **shape, dtype=getattr(torch, args.weights_dtype),
+                    **(dict(tokenizer=tokenizer, vocab_size=151669) if real_tokenizer else {}))
+    if real_tokenizer:
+        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(tokenizer.parent / extra, folder / extra)
+    size = (folder / "model.safetensors").stat().st_size
+    print(f"checkpoint: {args.shape} shape, {shape['layers']} layers, {size / 2**30:.2f} GiB {args.weights_dtype}, "
+          f"written in {time.perf_counter() - t:.0f}s")
+    return size
+
+
+def measure_loading(folder, device, dtype, quantize, size):
+    """Loading, in a fresh process so that its peak memory is its own."""
+    load = subprocess.run([sys.executable, __file__, "--measure-load", str(folder), "--device", str(device),
+                           "--dtype", dtype_name(dtype), "--quantize", quantize], capture_output=True, text=True)
+    if load.returncode:
+        raise SystemExit(load.stderr)
+    load = json.loads(load.stdout)
+    print(f"loading ({quantize}): {load['seconds']:.1f}s, peak host RAM {load['peak_bytes'] / 2**30:.2f} GiB "
+          f"= {load['peak_bytes'] / size:.2f}x the checkpoint on disk")
+
+
+def time_ours(args, folder, texts, device, dtype):
+    """Ours at default settings (no batch arguments; compile by job size), first call and warm, then
+    int8 weights, other token budgets and compile settings: how far the default is from the best."""
+    ours = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, quantize=args.quantize,
+                                         max_memory=args.max_memory, log=print)
+    encode = lambda **kw: ours.encode(texts, max_length=args.max_length, progress=False, **kw)
+    first = timed("ours, defaults, first call", encode, device)
+    runs = [dict(timed("ours, defaults", encode, device), padding=1.0)]
+    print(f"ours, defaults: {default_batch_tokens(ours.model.config, device, dtype)} tokens per batch, compiled: "
+          f"{ours.compiled}, weights {ours.weight_format}; first call {first['seconds']:.1f}s, warm "
+          f"{runs[0]['seconds']:.1f}s")
+    del ours
+    variants = [(q, c) for q in ("none", "int8") for c in ((False,) if args.no_compiled_variants else (False, True))]
+    for quantize, compiled in variants:
+        model = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=compiled, quantize=quantize)
+        budgets = args.budgets or ([1024, 2048, 4096, 8192] if device.type == "cpu" else [8192, 16384, 32768, 65536])
+        for budget in budgets if quantize == "none" else budgets[:1]:
+            run = lambda: model.encode(texts, max_length=args.max_length, progress=False, max_batch_tokens=budget)
+            run()  # warm-up (compiles once per model)
+            name = f"ours {quantize} {budget} tok{', compiled' if compiled else ''}"
+            runs.append(dict(timed(name.replace(" none", ""), run, device), padding=1.0))
+    return runs
+
+
+def time_references(args, folder, texts, lengths, device, dtype):
+    """transformers' model-card recipe and sentence-transformers, on the same weights and texts."""
+    import transformers
+    from sentence_transformers import SentenceTransformer
+    real = sum(lengths)
+
+    def padded_tokens(order, batch_size):  # rows a padded batch computes, over real tokens
+        return sum(len(b) * max(lengths[i] for i in b) for b in
+                   (order[s:s + batch_size] for s in range(0, len(order), batch_size))) / real
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ref = transformers.AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+    @torch.inference_mode()
+    def naive(batch_size=args.batch_size):  # the model card's recipe, in input order
+        out = []
+        for s in range(0, len(texts), batch_size):
+            b = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=args.max_length,
+                    return_tensors="pt").to(device)
+            out.append(F.normalize(ref(**b).last_hidden_state[:, -1].float(), dim=-1))
+        return torch.cat(out)
+
+    naive(4)
+    runs = [dict(timed("transformers (naive)", naive, device),
+                 padding=padded_tokens(list(range(len(texts))), args.batch_size))]
+    del ref
+    st = SentenceTransformer(str(folder), device=str(device), model_kwargs={"dtype": dtype})
+    st.max_seq_length = args.max_length
+    st.encode(texts[:4])
+    by_length = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    for bs in [args.batch_size] + (args.extra_batch_sizes if device.type == "cuda" else []):
+        runs.append(dict(timed(f"sentence-transformers bs={bs}",
+                               lambda: st.encode(texts, batch_size=bs, convert_to_tensor=True), device),
+                         padding=padded_tokens(by_length, bs)))
+    return runs
+
+
+def print_runs(runs, texts, real, flops, peak):
+    print(f"\n{'method':34s} {'texts/s':>9s} {'real tok/s':>11s} {'pad/real':>9s} {'peak MiB':>9s} "
+          f"{'MFU':>6s} {'max|diff|':>10s} {'min cos':>8s} {'ours/this':>10s}")
+    base = runs[0]
+    for r in runs:
+        diff = (r["vectors"] - base["vectors"]).abs().max().item()
+        cos = F.cosine_similarity(r["vectors"], base["vectors"], dim=-1).min().item()
+        print(f"{r['name']:34s} {len(texts) / r['seconds']:9.1f} {real / r['seconds']:11.0f} {r['padding']:9.2f} "
+              f"{r['peak_bytes'] / 2**20:9.0f} {flops / r['seconds'] / peak:6.1%} {diff:10.2e} {cos:8.5f} "
+              f"{r['seconds'] / base['seconds']:10.2f}x")
+    ours = {r["name"]: r["seconds"] for r in runs if r["name"].startswith("ours")}
+    print(f"\nours at defaults: {min(ours.values()) / base['seconds']:.0%} of the speed of our best setting above")
+    for name, seconds in ours.items():
+        if name.startswith("ours int8 ") and name.replace(" int8", "") in ours:
+            print(f"int8 weights: {ours[name.replace(' int8', '')] / seconds:.2f}x the speed of the weights as "
+                  f"shipped ({name.removeprefix('ours int8 ')})")
+
+
 def main(args):
     device, dtype = pick_device_dtype(args.device, args.dtype)
     torch.manual_seed(0)
     texts = load_texts(args.texts)
-    tokenizer = SHARED / "tokenizer" / "tokenizer.json"
     shape = dict(SHAPES[args.shape], layers=args.layers or SHAPES[args.shape]["layers"])
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
-        t = time.perf_counter()
-        if tokenizer.exists() and args.shape != "tiny":
-            make_checkpoint(folder, **shape, tokenizer=tokenizer, vocab_size=151669, dtype=dtype)
-            for extra in ("tokenizer_config.json", "special_tokens_map.json"):
-                shutil.copy(tokenizer.parent / extra, folder / extra)
-        else:
-            make_checkpoint(folder, **shape, dtype=dtype)
-        ckpt_bytes = (folder / "model.safetensors").stat().st_size
-        print(f"checkpoint: {args.shape} shape, {shape['layers']} layers, {ckpt_bytes / 2**30:.2f} GiB "
-              f"{str(dtype).removeprefix('torch.')}, written in {time.perf_counter() - t:.0f}s")
-
-        # Loading, in a fresh process so that its peak memory is its own.
-        load = subprocess.run([sys.executable, __file__, "--measure-load", str(folder), "--device", str(device),
-                               "--dtype", str(dtype).removeprefix("torch.")], capture_output=True, text=True)
-        if load.returncode:
-            raise SystemExit(load.stderr)
-        load = json.loads(load.stdout)
-        print(f"loading: {load['seconds']:.1f}s, peak host RAM {load['peak_bytes'] / 2**30:.2f} GiB "
-              f"= {load['peak_bytes'] / ckpt_bytes:.2f}x the checkpoint on disk")
-
-        ours = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
-        config = ours.model.config
-        lengths = [len(ids) for ids in ours.tokenize(texts, max_length=args.max_length)]
-        real = sum(lengths)
-        print(f"texts: {len(texts)}, real tokens {real}, median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}")
+        size = write_checkpoint(args, folder, shape)
+        for quantize in ("none", "int8"):
+            measure_loading(folder, device, dtype, quantize, size)
+        config = Qwen3Config.from_json(folder / "config.json")
+        lengths = [len(ids) for ids in Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
+                   .tokenize(texts, max_length=args.max_length)]
+        print(f"texts: {len(texts)}, real tokens {sum(lengths)}, median {sorted(lengths)[len(lengths) // 2]}, "
+              f"max {max(lengths)}")
         peak = matmul_peak(device, dtype)
         print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-              f"{str(dtype).removeprefix('torch.')} matmul peak {peak / 1e9:.0f} GFLOP/s, torch {torch.__version__}")
-        flops = sum(flops_per_text(config, n) for n in lengths)
-
-        def padded_tokens(order, batch_size):  # rows a padded batch computes, over real tokens
-            return sum(len(b) * max(lengths[i] for i in b) for b in
-                       (order[s:s + batch_size] for s in range(0, len(order), batch_size))) / real
-
-        # Ours at default settings (no batch arguments; compile by job size), first call and warm,
-        # then other token budgets and compile settings, to see how far the default is from the best.
-        default_budget = default_batch_tokens(config, device, dtype)
-        encode = lambda **kw: ours.encode(texts, max_length=args.max_length, progress=False, **kw)
-        first = timed("ours, defaults, first call", encode, device)
-        runs = [dict(timed("ours, defaults", encode, device), padding=1.0)]
-        print(f"ours, defaults: {default_budget} tokens per batch, compiled: {ours.compiled}; "
-              f"first call {first['seconds']:.1f}s, warm {runs[0]['seconds']:.1f}s")
-        compiles = (False,) if args.no_compiled_variants else (False, True)
-        variants = [Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=c) for c in compiles]
-        for c, model in zip(compiles, variants):
-            for budget in args.budgets or ([1024, 2048, 4096, 8192] if device.type == "cpu" else [8192, 16384, 32768, 65536]):
-                run = lambda: model.encode(texts, max_length=args.max_length, progress=False, max_batch_tokens=budget)
-                run()  # warm-up (compiles once per model)
-                runs.append(dict(timed(f"ours {budget} tok{', compiled' if c else ''}", run, device), padding=1.0))
-        del variants
-
+              f"{dtype_name(dtype)} matmul peak {peak / 1e9:.0f} GFLOP/s, torch {torch.__version__}")
+        runs = time_ours(args, folder, texts, device, dtype)
         if not args.ours_only:
-            import transformers
-            from sentence_transformers import SentenceTransformer
-            tok = transformers.AutoTokenizer.from_pretrained(folder)
-            ref = transformers.AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-
-            @torch.inference_mode()
-            def naive(batch_size=args.batch_size):  # the model card's recipe, in input order
-                out = []
-                for s in range(0, len(texts), batch_size):
-                    b = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=args.max_length,
-                            return_tensors="pt").to(device)
-                    out.append(F.normalize(ref(**b).last_hidden_state[:, -1].float(), dim=-1))
-                return torch.cat(out)
-
-            naive(4)
-            runs.append(dict(timed("transformers (naive)", naive, device),
-                             padding=padded_tokens(list(range(len(texts))), args.batch_size)))
-            del ref
-            st = SentenceTransformer(str(folder), device=str(device), model_kwargs={"dtype": dtype})
-            st.max_seq_length = args.max_length
-            st.encode(texts[:4])
-            by_length = sorted(range(len(texts)), key=lambda i: -lengths[i])
-            for bs in [args.batch_size] + (args.extra_batch_sizes if device.type == "cuda" else []):
-                runs.append(dict(timed(f"sentence-transformers bs={bs}",
-                                       lambda: st.encode(texts, batch_size=bs, convert_to_tensor=True), device),
-                                 padding=padded_tokens(by_length, bs)))
-
-        print(f"\n{'method':34s} {'texts/s':>9s} {'real tok/s':>11s} {'pad/real':>9s} {'peak MiB':>9s} "
-              f"{'MFU':>6s} {'max|diff|':>10s} {'min cos':>8s} {'ours/this':>10s}")
-        base = runs[0]
-        for r in runs:
-            tps = real / r["seconds"]
-            diff = (r["vectors"] - base["vectors"]).abs().max().item()
-            cos = F.cosine_similarity(r["vectors"], base["vectors"], dim=-1).min().item()
-            print(f"{r['name']:34s} {len(texts) / r['seconds']:9.1f} {tps:11.0f} {r['padding']:9.2f} "
-                  f"{r['peak_bytes'] / 2**20:9.0f} {flops / r['seconds'] / peak:6.1%} {diff:10.2e} {cos:8.5f} "
-                  f"{r['seconds'] / base['seconds']:10.2f}x")
-        best = min(r["seconds"] for r in runs if r["name"].startswith("ours"))
-        print(f"\nours at defaults: {best / base['seconds']:.0%} of the speed of our best setting above")
+            runs += time_references(args, folder, texts, lengths, device, dtype)
+        print_runs(runs, texts, sum(lengths), sum(flops_per_text(config, n) for n in lengths), peak)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -232,7 +256,7 @@ def bench_head(args):
     flags = train.parse_args(["--folds", str(args.head_folds), "--epochs", str(args.head_epochs),
                               "--head-device", str(device)])
     t = time.perf_counter()
-    train.cross_validate(x, y, [labels[i] for i in y.tolist()], labels, flags, None, log=print, quiet=True)
+    train.cross_validate(x, y, [labels[i] for i in y.tolist()], labels, flags, None, print, train.silent)
     sync(device)
     seconds, epochs = time.perf_counter() - t, args.head_folds * args.head_epochs
     print(f"head: {args.head_rows} x {args.head_dim} vectors, {args.head_classes} classes, {args.head_folds} folds x "
@@ -240,10 +264,10 @@ def bench_head(args):
           f"(5 folds x 30 epochs: {150 * seconds / epochs:.0f}s)")
 
 
-def measure_load(folder, device, dtype):
+def measure_load(folder, device, dtype, quantize):
     with PeakRSS() as mem:
         t = time.perf_counter()
-        Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
+        Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
         seconds = time.perf_counter() - t
     print(json.dumps({"seconds": seconds, "peak_bytes": mem.delta}))
 
@@ -261,7 +285,12 @@ if __name__ == "__main__":
     p.add_argument("--no-compiled-variants", action="store_true", help="try the budgets eagerly only")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, help="compute dtype; None: the device's default")
+    p.add_argument("--weights-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="the checkpoint's dtype on disk (every Qwen3 release ships bf16)")
+    p.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto", help="ours at defaults: "
+                   "how the weights are kept (int8 and as shipped are both timed after it)")
+    p.add_argument("--max-memory", type=float, default=None, help="memory budget in GB for --quantize auto")
     p.add_argument("--ours-only", action="store_true", help="skip the reference stack")
     p.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
     h = p.add_argument_group("--head: time the head phase instead of embedding")
@@ -275,6 +304,6 @@ if __name__ == "__main__":
     if a.head:
         bench_head(a)
     elif a.measure_load:
-        measure_load(a.measure_load, *pick_device_dtype(a.device, a.dtype))
+        measure_load(a.measure_load, *pick_device_dtype(a.device, a.dtype), a.quantize)
     else:
         main(a)

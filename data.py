@@ -1,7 +1,8 @@
 """Rows in, texts and labels out: CSV reading, text templates, validation splits, atomic writes.
 
 Shared by train.py and evaluate.py. Errors are ValueError/FileNotFoundError with one line that
-names the file, row or flag; the command-line scripts print that line and exit non-zero.
+names the file, row or flag; the command-line scripts print that line and exit non-zero
+(embed_cache.cli).
 """
 
 import contextlib
@@ -10,7 +11,6 @@ import os
 import random
 import shutil
 import string
-import sys
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -18,21 +18,6 @@ from pathlib import Path
 # The MAP format: the question, the multiple-choice answer the student picked, their explanation.
 MAP_TEMPLATE = "Question: {QuestionText}\nAnswer: {MC_Answer}\nStudent explanation: {StudentExplanation}"
 CORRECT_SUFFIX = "\nIs the answer correct? {AnswerIsCorrect}"  # train.py --map-correct
-
-
-def cli(main, parse_args, argv=None):
-    """Run a script's main: bad input ends in one line on stderr and a non-zero exit, not a traceback.
-    Under torchrun only rank 0 prints (errors still reach stderr from every rank)."""
-    if int(os.environ.get("RANK", "0")) > 0:
-        sys.stdout = open(os.devnull, "w")
-    try:
-        return main(parse_args(argv))
-    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt as e:  # train.py adds how far the head phase got
-        print(f"interrupted: {str(e) or 'the vectors computed so far are cached; run again to resume'}",
-              file=sys.stderr)
-        sys.exit(130)
 
 
 def read_csv(path):
@@ -123,17 +108,25 @@ def labels_of(rows, label_cols):
 
 # ----------------------------------------------------------------------------- validation splits
 
+def buckets(values, rng):
+    """({value: [indices holding it]}, the values in a seeded random order): what both splits deal
+    out, whole groups or each label's rows (each label's rows are shuffled where they are dealt)."""
+    members = defaultdict(list)
+    for i, v in enumerate(values):
+        members[v].append(i)
+    keys = sorted(members)
+    if rng is not None:
+        rng.shuffle(keys)
+    return members, keys
+
+
 def split(labels, val_frac, groups=None, seed=0):
     """(train indices, val indices). Grouped when groups are given (no group on both sides), else
     stratified by label (each label keeps its share; a label seen once stays in training)."""
     rng = random.Random(seed)
+    val = []
     if groups is not None:
-        members = defaultdict(list)
-        for i, g in enumerate(groups):
-            members[g].append(i)
-        keys = sorted(members)
-        rng.shuffle(keys)
-        val = []
+        members, keys = buckets(groups, rng)
         for g in keys:
             if len(val) >= val_frac * len(labels):
                 break
@@ -141,12 +134,9 @@ def split(labels, val_frac, groups=None, seed=0):
         if len(val) == len(labels):
             raise ValueError(f"--val-frac {val_frac}: too few groups ({len(keys)}) to keep any for training")
     else:
-        by_label = defaultdict(list)
-        for i, y in enumerate(labels):
-            by_label[y].append(i)
-        val = []
-        for y in sorted(by_label):
-            idx = by_label[y]
+        members, _ = buckets(labels, None)
+        for y in sorted(members):
+            idx = members[y]
             rng.shuffle(idx)
             val += idx[: int(round(val_frac * len(idx))) if len(idx) > 1 else 0]
     val_set = set(val)
@@ -159,13 +149,9 @@ def kfold(labels, k, groups=None, seed=0):
     rng = random.Random(seed)
     fold = [0] * len(labels)
     if groups is not None:
-        members = defaultdict(list)
-        for i, g in enumerate(groups):
-            members[g].append(i)
+        members, keys = buckets(groups, rng)
         if len(members) < k:
             raise ValueError(f"--folds {k}: only {len(members)} groups in --group-col")
-        keys = sorted(members)
-        rng.shuffle(keys)
         sizes = [0] * k
         for g in sorted(keys, key=lambda g: -len(members[g])):
             f = sizes.index(min(sizes))
@@ -173,12 +159,10 @@ def kfold(labels, k, groups=None, seed=0):
                 fold[i] = f
             sizes[f] += len(members[g])
     else:
-        by_label = defaultdict(list)
-        for i, y in enumerate(labels):
-            by_label[y].append(i)
+        members, _ = buckets(labels, None)
         offset = 0
-        for y in sorted(by_label):
-            idx = by_label[y]
+        for y in sorted(members):
+            idx = members[y]
             rng.shuffle(idx)
             for j, i in enumerate(idx):
                 fold[i] = (offset + j) % k

@@ -5,14 +5,15 @@
                                                   vectors (n, D) float32
 
 The spec hash covers everything that changes a vector: the checkpoint's identity (config, tokenizer,
-the size and first and last MiB of each weights file), instruction, max_length, pooling, dim, dtype
-and layer; the text itself is the per-row key. A chunk is written every chunk_size texts or every
-chunk_seconds (15 s), whichever comes first, to a temporary name and renamed: a run killed at any
-moment loses at most that much work, and a rerun computes only what is missing. Ctrl-C saves what
-was computed. More than COMPACT_AT chunk files are merged into one at the end of a run. Two runs
-may share a cache folder: nothing is locked, files are only ever added whole or deleted once their
-vectors are in another file. Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the ranks
-share the missing texts.
+the size and first and last MiB of each weights file), instruction, max_length, pooling, dim, dtype,
+weight format (int8) and layer; the text itself is the per-row key. One forward pass fills every
+(pooling, layer) spec a run asks for. A chunk is written every chunk_size texts or chunk_seconds
+(15 s), whichever comes first, to a temporary name and renamed: a run killed at any moment loses at
+most that much work, and a rerun computes only what is missing. Ctrl-C saves what was computed. More
+than COMPACT_AT chunk files are merged into one at the end of a run. Two runs may share a cache
+folder: nothing is locked, files are only ever added whole or deleted once their vectors are in
+another file. Reading fills one (rows, D) matrix with the rows asked for, and only those.
+Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the ranks share the missing texts.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -30,12 +32,14 @@ import torch.distributed as dist
 from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
+import runtime
+import weights
 from data import atomic_path
-from qwen_embed import (NonFiniteError, Qwen3Config, Qwen3Embedder, TextTooLongError, pick_device_dtype,
-                        resolve_model_dir)
+from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, TextTooLongError, checkpoint_tensors
 
 MIB = 1 << 20
 COMPACT_AT = 8  # chunk files in one cache folder before they are merged into one
+PENDING_BYTES = 256 * MIB  # vectors held before a write, at most: with 76 specs of 4096-d, 215 texts
 
 
 def checkpoint_identity(folder):
@@ -58,46 +62,96 @@ def text_keys(texts):
                         dtype=torch.uint8).reshape(len(texts), 32)
 
 
+def runs(indices):
+    """Sorted indices -> (start, stop) ranges of consecutive ones: what a file is read by."""
+    out = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1][1] += 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
 class Cache:
+    """One spec's folder of chunk files."""
+
     def __init__(self, cache_dir, spec):
         self.spec = spec
         self.dir = Path(cache_dir) / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
-    def load(self, dim):
-        """{text key bytes: vector}. A chunk that is unreadable, or whose shapes, dtypes or values
-        are wrong, is deleted (and its texts recomputed) rather than trusted. A chunk that another
-        run merged away while we looked is skipped, and the merged file read instead."""
+    def files(self):
+        """The chunk files, listed again until no new one appears: a chunk that another run merged
+        away while we looked is skipped (read() returns None), and the merged file read instead."""
         for tmp in self.dir.glob(".chunk-*"):  # a chunk half-written by a run killed an hour ago or more
             if time.time() - tmp.stat().st_mtime > 3600:
                 shutil.rmtree(tmp, ignore_errors=True)
-        found, seen = {}, set()
+        seen = set()
         while True:
-            files = [f for f in sorted(self.dir.glob("chunk-*.safetensors")) if f not in seen]
-            if not files:
-                return found
-            for file in files:
-                seen.add(file)
-                chunk = self.read(file, dim)
-                if chunk is not None:
-                    found.update(zip(map(bytes, chunk[0].numpy()), chunk[1]))
+            new = [f for f in sorted(self.dir.glob("chunk-*.safetensors")) if f not in seen]
+            if not new:
+                return
+            seen.update(new)
+            yield from new
 
     def read(self, file, dim):
-        """(keys, vectors) of one chunk file, or None if it is gone or corrupt (then deleted)."""
+        """A chunk's keys as a list of bytes, checked against the header (vectors not read), or None
+        if it is gone or corrupt (then deleted, and its texts recomputed)."""
         try:
             with safe_open(file, framework="pt") as f:
-                keys, vectors = f.get_tensor("keys"), f.get_tensor("vectors")
-            ok = (keys.dtype == torch.uint8 and keys.ndim == 2 and keys.shape[1] == 32
-                  and vectors.dtype == torch.float32 and vectors.shape == (len(keys), dim)
-                  and bool(torch.isfinite(vectors).all()))
+                keys, vectors = f.get_tensor("keys"), f.get_slice("vectors")
+                ok = (keys.dtype == torch.uint8 and keys.ndim == 2 and keys.shape[1] == 32
+                      and vectors.get_dtype() == "F32" and vectors.get_shape() == [len(keys), dim])
         except FileNotFoundError:
             return None
         except Exception:
             ok = False
         if not ok:
-            print(f"warning: {file}: corrupt cache chunk, deleted; its texts will be recomputed")
-            file.unlink(missing_ok=True)
+            self.corrupt(file)
             return None
-        return keys, vectors
+        return [bytes(k) for k in keys.numpy()]
+
+    def corrupt(self, file, why=""):
+        print(f"warning: {file}: corrupt cache chunk{why}, deleted; its texts will be recomputed")
+        file.unlink(missing_ok=True)
+
+    def present(self, dim):
+        """The set of text keys this spec has vectors for."""
+        found = set()
+        for file in self.files():
+            found.update(self.read(file, dim) or ())
+        return found
+
+    def load(self, keys, dim):
+        """(len(keys), dim) float32, row i the vector of text key keys[i]: one matrix, filled in
+        place, reading from each chunk only the rows asked for."""
+        want = {}
+        for i, k in enumerate(keys):
+            want.setdefault(k, []).append(i)
+        out = torch.empty(len(keys), dim)
+        for file in self.files():
+            if not want:
+                break
+            hits = {j: want.pop(k) for j, k in enumerate(self.read(file, dim) or ()) if k in want}
+            self.read_rows(file, hits, out)
+        if want:
+            raise RuntimeError(f"{self.dir}: {len(want)} vectors vanished from the cache while reading; run again")
+        return out
+
+    def read_rows(self, file, hits, out, rows_per_read=4096):
+        """out[rows] = row j of the chunk's vectors, for each j: rows in hits, by runs of consecutive
+        chunk rows, at most rows_per_read at a time (so a merged file is never read whole at once)."""
+        with safe_open(file, framework="pt") as f:
+            vectors = f.get_slice("vectors")
+            for a, b in runs(sorted(hits)):
+                for start in range(a, b, rows_per_read):
+                    block = vectors[start:min(b, start + rows_per_read)]
+                    if not torch.isfinite(block).all():
+                        self.corrupt(file, " (NaN or Inf)")
+                        raise RuntimeError(f"{file}: NaN or Inf in a cache chunk; deleted, run again to recompute")
+                    src = [j - start for j in range(start, start + len(block)) for _ in hits[j]]
+                    dst = [i for j in range(start, start + len(block)) for i in hits[j]]
+                    out[dst] = block[src]
 
     def save(self, keys, vectors):
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -116,41 +170,105 @@ class Cache:
         (time-limited) chunks never slow a later load. Safe against a kill: the merged file is in
         place before any chunk is deleted, and duplicates are harmless. Safe against another run
         on the same cache: only files whose vectors are in the merged file are deleted."""
-        files = sorted(self.dir.glob("chunk-*.safetensors"))
+        files = list(self.files())
         if len(files) <= max_files:
             return
-        merged, read = {}, []
+        keys, read = [], []
         for file in files:
             chunk = self.read(file, dim)
             if chunk is not None:
-                merged.update(zip(map(bytes, chunk[0].numpy()), chunk[1]))
+                keys += chunk
                 read.append(file)
-        keys = torch.tensor([list(k) for k in merged], dtype=torch.uint8).reshape(len(merged), 32)
-        path = self.save(keys, torch.stack(list(merged.values())) if merged else torch.empty(0, dim))
+        keys = list(dict.fromkeys(keys))  # each text once
+        merged = self.load(keys, dim)
+        path = self.save(torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(len(keys), 32), merged)
         for file in read:
             if file != path:
                 file.unlink(missing_ok=True)
 
 
-def add_flags(p):
-    """The speed and cache flags that train.py and evaluate.py share (None: chosen by the device and
-    the job, as in Qwen3Embedder); run_options(args) turns them into embed()'s arguments."""
+class Vectors:
+    """One (pooling, layer)'s vectors of a run's texts, on disk until loaded."""
+
+    def __init__(self, cache, keys, dim):
+        self.cache, self.keys, self.dim = cache, keys, dim
+
+    def load(self, rows=None):
+        """(len(rows), D) float32 for the given row indices (None: every text), read from disk."""
+        return self.cache.load(self.keys if rows is None else [self.keys[i] for i in rows], self.dim)
+
+
+class ChunkWriter:
+    """Vectors computed but not yet on disk, written as one chunk file per spec: after the first
+    batch (the time before it went to loading and compiling), then every chunk_size texts or
+    chunk_seconds, and before PENDING_BYTES of vectors pile up."""
+
+    def __init__(self, caches, keys, dim, chunk_size, chunk_seconds):
+        self.caches, self.keys, self.chunk_seconds = caches, keys, chunk_seconds
+        self.max_rows = max(1, min(chunk_size, PENDING_BYTES // (len(caches) * dim * 4)))
+        self.pending, self.saved, self.last = [], 0, time.monotonic()
+
+    def add(self, rows, vectors):  # rows: indices into keys; vectors: {spec: (len(rows), D)}
+        self.pending.append((rows, vectors))
+        if not self.saved or sum(len(r) for r, _ in self.pending) >= self.max_rows or \
+                time.monotonic() - self.last >= self.chunk_seconds:
+            self.flush()
+
+    def flush(self):  # a kill at any moment leaves whole files only
+        if self.pending:
+            rows = [r for b, _ in self.pending for r in b]
+            for spec, cache in self.caches.items():
+                cache.save(self.keys[rows], torch.cat([v[spec] for _, v in self.pending]))
+            self.saved += len(rows)
+            self.pending.clear()
+        self.last = time.monotonic()
+
+
+# ----------------------------------------------------------------------------- command lines and torchrun
+
+def cli(main, parse_args, argv=None):
+    """Run train.py's or evaluate.py's main: bad input ends in one line on stderr and a non-zero
+    exit, not a traceback. Under torchrun only rank 0 prints (errors still reach stderr from every rank)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = open(os.devnull, "w")
+    try:
+        return main(parse_args(argv))
+    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # train.py adds how far the head phase got
+        print(f"interrupted: {str(e) or 'the vectors computed so far are cached; run again to resume'}",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def add_flags(p, quantize_default="auto"):
+    """The flags that train.py and evaluate.py share: where and how the model runs (None: chosen by
+    the device and the job, as in Qwen3Embedder) and the cache; run_options(args) turns them into
+    ensure_cached()'s arguments."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ...; None: cuda, else mps, else cpu")
+    p.add_argument("--quantize", choices=["auto", "none", "int8"], default=quantize_default,
+                   help="how the weights are kept: none = as shipped (bf16), int8 = per-channel int8 (half the "
+                   "memory); auto: as shipped if they fit the memory budget, else int8" +
+                   ("" if quantize_default else "; None: the checkpoint's"))
+    p.add_argument("--max-memory", type=float, default=None, help="memory budget in GB for --quantize auto; None: "
+                   "free memory on the GPU, available RAM on the CPU (shared by torchrun's ranks on a node)")
     p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass, at most; None: no limit "
                    "but the token budget")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward pass, at most; None: "
-                   "2048 on CPU, on CUDA from the free GPU memory and the model's shape")
+                   "2048 off CUDA (fewer when every layer is kept), on CUDA from the free memory and the model's shape")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
                    "model's blocks; None: when the texts to embed hold 100,000 tokens or more")
     p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared by train.py and evaluate.py")
     p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes, at most")
     p.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between cache writes, "
                    "at most (or one batch, if longer): what a kill can lose")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run_options(args):
-    return dict(batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, compile=args.compile,
-                cache_dir=args.cache_dir, chunk_size=args.cache_chunk, chunk_seconds=args.cache_seconds,
-                progress=not args.quiet)
+def run_options(args, quantize=None):
+    return dict(device=args.device, quantize=quantize or args.quantize, max_memory=args.max_memory, batch_size=args.batch_size,
+                max_batch_tokens=args.max_batch_tokens, compile=args.compile, cache_dir=args.cache_dir,
+                chunk_size=args.cache_chunk, chunk_seconds=args.cache_seconds, progress=not args.quiet)
 
 
 def distributed(device):
@@ -184,115 +302,145 @@ def balance(token_counts, world):
     return shares
 
 
-def embed(texts, model, *, instruction=None, max_length=8192, pooling="last", dim=None, layers=(None,),
-          device=None, dtype=None, batch_size=None, max_batch_tokens=None, compile=None,
-          cache_dir=".cache/embeddings", chunk_size=1024, chunk_seconds=15, progress=True, log=print, ids=None):
-    """Vectors for texts, from the cache where present, else computed and cached chunk by chunk.
+# ----------------------------------------------------------------------------- embedding through the cache
 
-    layers: which hidden states to pool: None = the final normed output, else layer indexes as in
-    Qwen3Embedder.encode; one forward pass serves them all. Returns {layer: (len(texts), D) tensor}.
-    ids: a name per text (row ids) for error messages. batch_size, max_batch_tokens, compile: as in
-    Qwen3Embedder (None: by the device and the job).
-    Under torchrun every rank embeds a share of the missing texts, balanced by tokens; rank 0 gets
-    the vectors, the other ranks get None once all chunks are written.
+def embed(texts, model, *, pooling="last", layers=(None,), **kw):
+    """{layer: (len(texts), D) float32} for one pooling, through the cache (ensure_cached's
+    arguments); None on a torchrun rank other than 0."""
+    stored = ensure_cached(texts, model, poolings=(pooling,), layers=layers, **kw)
+    return None if stored is None else {layer: stored[pooling, layer].load() for layer in layers}
+
+
+def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instruction=None, max_length=8192, dim=None,
+                  device=None, dtype=None, quantize="auto", max_memory=None, batch_size=None, max_batch_tokens=None,
+                  compile=None, cache_dir=".cache/embeddings", chunk_size=1024, chunk_seconds=15, progress=True,
+                  log=print, ids=None):
+    """Put every (pooling, layer) vector of every text in the cache, computing the missing ones in
+    ONE forward pass, and return {(pooling, layer): Vectors}: handles that read one matrix each.
+
+    layers: None = the final normed output, else layer indexes as in Qwen3Embedder.encode.
+    ids: a name per text (row ids) for error messages. Under torchrun every rank embeds a share of
+    the missing texts, balanced by tokens; rank 0 gets the handles, the others None.
     """
     for flag, value in (("--cache-chunk", chunk_size), ("--cache-seconds", chunk_seconds),
                         ("--batch-size", batch_size), ("--max-batch-tokens", max_batch_tokens)):
         if value is not None and value <= 0:
             raise ValueError(f"{flag} must be positive, got {value}")
-    device, dtype = pick_device_dtype(device, dtype)
-    rank, world, local = distributed(device)
+    rank, world, local = distributed(runtime.pick_device(device))  # before anything touches a GPU
+    device, dtype = runtime.pick_device_dtype(device, dtype)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local)  # one GPU per process
     if rank:  # logs and progress bars from rank 0 only
         log, progress = (lambda *_: None), False
-    folder = resolve_model_dir(model)
+    folder = runtime.resolve_model_dir(model)
     config = Qwen3Config.from_json(folder / "config.json")
+    keys = layer_keys(config, layers, dim)
+    tensors = checkpoint_tensors(folder)
+    budget = max_batch_tokens or runtime.room_batch_tokens(config, device, dtype, any(k is not None for k in keys))
+    fmt, why = weights.choose_format(quantize, tensors, config, dtype, budget, runtime.memory_budget(device, max_memory))
+    base = {"checkpoint": checkpoint_identity(folder), "model": str(model), "instruction": instruction,
+            "max_length": max_length, "dim": dim, "dtype": runtime.dtype_name(dtype)}
+    base.update({"weights": "int8"} if fmt == "int8" else {})  # as shipped keeps the caches of before int8
+    caches = {(p, k): Cache(cache_dir, {**base, "pooling": p, "layer": k}) for p in poolings for k in dict.fromkeys(keys)}
+    D = dim or config.hidden_size
+    text_key = [bytes(k) for k in text_keys(texts).numpy()]
+    todo, n_missing = missing(caches.values(), text_key, D)
+    if world > 1:
+        dist.barrier()  # every rank has read the same cache before any rank writes to it
+    if not todo:
+        log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
+    else:
+        log(f"embeddings: {len(texts) - n_missing} cached, computing {len(todo)} with {model} on {device} in "
+            f"{runtime.dtype_name(dtype)}" + (f", {world} processes" if world > 1 else ""))
+        say_size(len(todo), len(texts), caches, D, cache_dir, weights.weight_bytes(tensors, fmt, dtype)
+                 + weights.batch_room(config, tensors, dtype, budget), log)
+        log(why)
+        embedder = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=compile, quantize=fmt)
+        compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches, D, rank, world,
+                lambda bad: [ids[i] if ids else i for i, t in enumerate(texts) if t in bad], log, progress,
+                instruction=instruction, max_length=max_length, batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens, chunk_size=chunk_size, chunk_seconds=chunk_seconds)
+        del embedder  # the model's memory is free before anything reads the vectors
+    if world > 1:
+        dist.barrier()  # all chunks written
+        if rank:
+            return None
+    for cache in caches.values():
+        cache.compact(D)
+    return {(p, layer): Vectors(caches[p, k], text_key, D) for p in poolings for layer, k in zip(layers, keys)}
+
+
+def layer_keys(config, layers, dim):
+    """Layers as cached (-1 and num_hidden_layers share an entry), after one-line checks."""
     hidden, n = config.hidden_size, config.num_hidden_layers
     if dim is not None and not 1 <= dim <= hidden:
         raise ValueError(f"--dim must be between 1 and the model's hidden size {hidden}, got {dim}")
     bad = [layer for layer in layers if layer is not None and not -n - 1 <= layer <= n]
     if bad:
         raise ValueError(f"--layer must be between {-n - 1} and {n} for this {n}-layer model, got {bad[0]}")
-    wanted = layers
-    layers = [None if layer is None else layer % (n + 1) for layer in layers]  # -1 and n share a cache entry
-    identity = checkpoint_identity(folder)
-    caches = {layer: Cache(cache_dir, {"checkpoint": identity, "model": str(model), "instruction": instruction,
-                                       "max_length": max_length, "pooling": pooling, "dim": dim,
-                                       "dtype": str(dtype).removeprefix("torch."), "layer": layer})
-              for layer in layers}
-    keys = text_keys(texts)
-    key_bytes = [bytes(k) for k in keys.numpy()]
-    found = {layer: cache.load(dim or hidden) for layer, cache in caches.items()}
-    missing = [i for i, k in enumerate(key_bytes) if any(k not in f for f in found.values())]
-    first = {}  # one computation per distinct text
-    for i in missing:
-        first.setdefault(key_bytes[i], i)
-    todo = list(first.values())
+    return [None if layer is None else layer % (n + 1) for layer in layers]
+
+
+def missing(caches, text_key, dim):
+    """(first row of each distinct text that some cache lacks, rows lacking). One cache's key set
+    is held at a time."""
+    lacking = set()
+    for cache in caches:
+        present = cache.present(dim)
+        lacking.update(i for i, k in enumerate(text_key) if k not in present)
+    first = {}
+    for i in sorted(lacking):
+        first.setdefault(text_key[i], i)
+    return list(first.values()), len(lacking)
+
+
+def say_size(n_todo, n_texts, caches, dim, cache_dir, model_bytes, log):
+    """One line on what the run will write and hold, before any work; a disk that cannot take it
+    is a one-line error."""
+    disk = n_todo * len(caches) * (dim * 4 + 32)
+    where = Path(cache_dir).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if disk > free:
+        raise ValueError(f"--cache-dir {cache_dir}: the vectors need {disk / runtime.GB:.2f} GB ({n_todo} texts x "
+                         f"{len(caches)} (pooling, layer) x {dim} x 4 B) and the disk has {free / runtime.GB:.2f} GB free")
+    pending = min(PENDING_BYTES, n_todo * len(caches) * dim * 4)
+    log(f"cache: {n_todo} texts x {len(caches)} (pooling, layer) x {dim} x 4 B = {disk / runtime.GB:.2f} GB on disk; "
+        f"memory while embedding about {(model_bytes + pending) / runtime.GB:.1f} GB (the model and a batch, "
+        f"{pending / runtime.GB:.2f} GB of vectors before each write); after it, "
+        f"{n_texts * dim * 4 / runtime.GB:.2f} GB per (pooling, layer) loaded")
+
+
+def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progress, *, instruction, max_length,
+            batch_size, max_batch_tokens, chunk_size, chunk_seconds):
+    """Embed texts (this rank's share of them) in one pass for every cache's (pooling, layer),
+    writing chunks as it goes. keys: their text keys; rows_of(texts) names the rows holding them."""
+    tokens = embedder.tokenize(texts, instruction, max_length)  # once: the shares and the batches use it
+    mine = balance([len(t) for t in tokens], world)[rank] if world > 1 else list(range(len(texts)))
+    writer = ChunkWriter(caches, torch.tensor([list(keys[j]) for j in mine], dtype=torch.uint8).reshape(-1, 32),
+                         dim, chunk_size, chunk_seconds)
+    t0 = time.time()
+    with tqdm(total=len(mine), desc="embedding", unit="text", disable=not progress) as bar:
+        try:
+            for batch, vectors in embedder.stream([tokens[j] for j in mine], list(caches), dim, True, batch_size,
+                                                  max_batch_tokens, log=bar.write):
+                writer.add(batch, vectors)
+                bar.update(len(batch))
+        except NonFiniteError as e:  # that batch is not cached; name the rows, not positions
+            writer.flush()
+            rows = rows_of({texts[mine[i]] for i in e.indices})
+            raise FloatingPointError(f"NaN or Inf in the vectors of rows {rows[:20]}"
+                                     f"{' ...' if len(rows) > 20 else ''}; nothing of them was cached") from None
+        except TextTooLongError as e:
+            writer.flush()
+            raise MemoryError(f"row {rows_of({texts[mine[e.index]]})[0]}: its {e.tokens} tokens do not fit in GPU "
+                              f"memory even alone; the {writer.saved} vectors computed so far are cached; lower "
+                              f"--max-length") from None
+        finally:  # Ctrl-C too: what was computed is kept
+            writer.flush()
     if world > 1:
-        dist.barrier()  # every rank has read the same cache before any rank writes to it
-    if not todo:
-        log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
-    else:
-        log(f"embeddings: {len(texts) - len(missing)} cached, computing {len(todo)} with {model} "
-            f"on {device} in {str(dtype).removeprefix('torch.')}" + (f", {world} processes" if world > 1 else ""))
-        embedder = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=compile)
-        tokens = [len(t) for t in embedder.tokenize([texts[i] for i in todo], instruction, max_length)]
-        mine = balance(tokens, world)[rank] if world > 1 else list(range(len(todo)))
-        embedder.maybe_compile(sum(tokens[j] for j in mine), log)
-        t0 = time.time()
-        pending, saved, last_save = [], 0, time.monotonic()
-
-        def save_pending():  # one chunk file per layer; a kill at any moment leaves whole files only
-            nonlocal saved, last_save
-            if pending:
-                rows = [todo[mine[j]] for b, _ in pending for j in b]
-                for layer, cache in caches.items():
-                    vectors = torch.cat([v[layer] for _, v in pending])
-                    cache.save(keys[rows], vectors)
-                    found[layer].update(zip((key_bytes[i] for i in rows), vectors))
-                saved += len(rows)
-                pending.clear()
-            last_save = time.monotonic()
-
-        def rows_of(positions):  # positions in mine -> row ids of every row with those texts
-            bad = {texts[todo[mine[j]]] for j in positions}
-            return [ids[i] if ids else i for i, t in enumerate(texts) if t in bad]
-
-        with tqdm(total=len(mine), desc="embedding", unit="text", disable=not progress) as bar:
-            try:
-                for batch, vectors in embedder.stream([texts[todo[j]] for j in mine], instruction, batch_size,
-                                                      max_length, dim, pooling=pooling, layers=list(layers),
-                                                      max_batch_tokens=max_batch_tokens, log=bar.write):
-                    pending.append((batch, vectors))
-                    bar.update(len(batch))
-                    # The first batch is saved at once: the time before it went to loading and compiling.
-                    if not saved or sum(len(b) for b, _ in pending) >= chunk_size or \
-                            time.monotonic() - last_save >= chunk_seconds:
-                        save_pending()
-            except NonFiniteError as e:  # that batch is not cached; name the rows, not positions
-                save_pending()
-                rows = rows_of(e.indices)
-                raise FloatingPointError(f"NaN or Inf in the vectors of rows {rows[:20]}"
-                                         f"{' ...' if len(rows) > 20 else ''}; nothing of them was cached") from None
-            except TextTooLongError as e:
-                save_pending()
-                raise MemoryError(f"row {rows_of([e.index])[0]}: its {e.tokens} tokens do not fit in GPU memory "
-                                  f"even alone; the {saved} vectors computed so far are cached; lower "
-                                  f"--max-length") from None
-            finally:  # Ctrl-C too: what was computed is kept
-                save_pending()
-        if world > 1:
-            summary = (rank, len(mine), sum(tokens[j] for j in mine), time.time() - t0)
-            every = [None] * world
-            dist.all_gather_object(every, summary)
-            for r, n_texts, n_tokens, seconds in every:
-                log(f"rank {r}: {n_texts} texts, {n_tokens} tokens, {seconds:.1f}s")
-    if world > 1:
-        dist.barrier()  # all chunks written
-        if rank:
-            return None
-        found = {layer: cache.load(dim or hidden) for layer, cache in caches.items()}
-    for cache in caches.values():
-        cache.compact(dim or hidden)
-    return {w: torch.stack([found[layer][k] for k in key_bytes]) for w, layer in zip(wanted, layers)}
+        every = [None] * world
+        dist.all_gather_object(every, (rank, len(mine), sum(len(tokens[j]) for j in mine), time.time() - t0))
+        for r, n_texts, n_tokens, seconds in every:
+            log(f"rank {r}: {n_texts} texts, {n_tokens} tokens, {seconds:.1f}s")

@@ -2,8 +2,9 @@
 
     python evaluate.py --checkpoint runs/map --data test.csv --out submission.csv
 
-The texts are embedded with the spec stored in the checkpoint (model, template, instruction, ...),
-through the same cache as train.py, so evaluating on training data costs no forward pass.
+The texts are embedded with the spec stored in the checkpoint (model, template, instruction, compute
+dtype, weight format, ...), through the same cache as train.py, so evaluating on training data costs
+no forward pass, and only the rows scored are read from the cache.
 """
 
 import argparse
@@ -14,29 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 import embed_cache
-from data import (add_answer_is_correct, atomic_path, check_ids, cli, labels_of, read_csv, render, require_columns,
-                  template_fields)
+from data import add_answer_is_correct, atomic_path, check_ids, labels_of, read_csv, render, require_columns, template_fields
 from lora import add_lora, load_adapters, merge_lora
-from mlp_head import load_checkpoint, predict_proba
-from qwen_embed import Qwen3Embedder, pick_device_dtype
-
-
-def map_at_k(truth, predictions, k=3):
-    """The competition's MAP@3: 1/rank of the first correct label among the first k predictions,
-    else 0, averaged over rows. A label repeated in a row's predictions counts at its first rank."""
-    total = 0.0
-    for y, preds in zip(truth, predictions, strict=True):
-        for rank, p in enumerate(preds[:k], start=1):
-            if p == y:
-                total += 1 / rank
-                break
-    return total / len(truth) if truth else 0.0
-
-
-def top_k(probs, labels, k=3):
-    """The k most probable labels per row, best first, all distinct."""
-    idx = probs.topk(min(k, probs.shape[1]), dim=1).indices
-    return [[labels[j] for j in row] for row in idx.tolist()]
+from mlp_head import load_checkpoint, map_at_k, predict_proba, top_k
+from qwen_embed import Qwen3Embedder
+from runtime import default_dtype, dtype_name, pick_device
 
 
 def write_submission(path, ids, predictions, id_col, label_cols):
@@ -47,26 +30,45 @@ def write_submission(path, ids, predictions, id_col, label_cols):
             w.writerows([i, " ".join(p)] for i, p in zip(ids, predictions))
 
 
-def lora_vectors(args, meta, texts):
-    """A fine-tuned checkpoint: the base model, its adapters merged into the weights once, then
-    plain encode. Not cached: the cache holds the base model's vectors."""
+def embedding_dtype(args, spec):
+    """The checkpoint's compute dtype, so that the vectors (and the cache entries) are the ones the
+    head was trained on; one line where this run computes in another one."""
+    device = pick_device(args.device)
+    trained, dtype = spec.get("dtype"), args.dtype or spec.get("dtype")
+    if dtype is None:  # a checkpoint from before dtypes were recorded
+        dtype = dtype_name(default_dtype(device))
+        print(f"the checkpoint does not record its dtype: computing in {dtype}, this device's default")
+    elif trained and dtype != trained:
+        print(f"computing in {dtype} (--dtype), the head was trained on {trained} vectors: they differ by rounding")
+    elif dtype_name(default_dtype(device)) != dtype:
+        print(f"computing in {dtype} as in training, though {device.type}'s default here is "
+              f"{dtype_name(default_dtype(device))} (--dtype {dtype_name(default_dtype(device))} is faster, "
+              f"its vectors differ by rounding)")
+    return dtype
+
+
+def lora_vectors(args, meta, texts, dtype, quantize):
+    """A fine-tuned checkpoint: the base model with its adapters, merged into the weights where the
+    base is a plain layer, kept apart on an int8 base (merging would quantize the update away),
+    then plain encode. Not cached: the cache holds the base model's vectors."""
     spec, lora = meta["embedding"], meta["lora"]
-    print(f"LoRA checkpoint (rank {lora['rank']}): merging the adapters into {spec['model']}; vectors are not cached")
-    embedder = Qwen3Embedder.from_pretrained(spec["model"], device=args.device, dtype=spec["dtype"], compile=args.compile)
+    embedder = Qwen3Embedder.from_pretrained(spec["model"], device=args.device, dtype=dtype, compile=args.compile,
+                                             quantize=quantize, max_memory=args.max_memory, log=print)
     add_lora(embedder.model, lora["rank"], lora["alpha"], lora["targets"], lora["layers"])
     file = Path(args.checkpoint) / lora["file"]
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing from the checkpoint")
     load_adapters(embedder.model, load_file(file), file)
-    merge_lora(embedder.model)
+    kept = merge_lora(embedder.model)
+    print(f"LoRA checkpoint (rank {lora['rank']}): adapters {'kept apart, on a stored base' if kept else 'merged'} "
+          f"in {spec['model']}; vectors are not cached")
     return embedder.encode(texts, instruction=spec["instruction"], batch_size=args.batch_size,
                            max_length=spec["max_length"], dim=spec["dim"], pooling=spec["pooling"],
                            max_batch_tokens=args.max_batch_tokens, progress=not args.quiet)
 
 
-def main(args):
-    heads, meta = load_checkpoint(args.checkpoint)
-    spec, labels = meta["embedding"], meta["labels"]
+def load_texts(args, spec):
+    """The CSV's rows, checked against the checkpoint's spec, and their texts."""
     columns, rows = read_csv(args.data)
     require_columns(args.data, columns, [spec["id_col"]], "the checkpoint's id column")
     if spec.get("correct_answers") is not None:  # trained with --map-correct: the answers it learned
@@ -75,18 +77,26 @@ def main(args):
         columns = columns + ["AnswerIsCorrect"]
     require_columns(args.data, columns, template_fields(spec["text_template"]), "the checkpoint's --text-template")
     check_ids(args.data, rows, spec["id_col"])
-    texts = render(spec["text_template"], rows)
+    return columns, rows, render(spec["text_template"], rows)
+
+
+def main(args):
+    heads, meta = load_checkpoint(args.checkpoint)
+    spec, labels = meta["embedding"], meta["labels"]
+    columns, rows, texts = load_texts(args, spec)
+    dtype = embedding_dtype(args, spec)
+    quantize = args.quantize or spec.get("weights", "none")  # the weights the head's vectors came from
     if meta.get("lora"):
-        vectors = lora_vectors(args, meta, texts)
+        vectors = lora_vectors(args, meta, texts, dtype, quantize)
     else:
-        vectors = embed_cache.embed(texts, spec["model"], instruction=spec["instruction"],
-                                    max_length=spec["max_length"], pooling=spec["pooling"], dim=spec["dim"],
-                                    layers=(spec["layer"],), device=args.device, dtype=spec["dtype"],
-                                    **embed_cache.run_options(args), ids=[row[spec["id_col"]] for row in rows])
-        if vectors is None:  # a torchrun rank other than 0: its share is embedded and cached
+        stored = embed_cache.ensure_cached(
+            texts, spec["model"], poolings=(spec["pooling"],), layers=(spec["layer"],), instruction=spec["instruction"],
+            max_length=spec["max_length"], dim=spec["dim"], dtype=dtype, **embed_cache.run_options(args, quantize),
+            ids=[row[spec["id_col"]] for row in rows])
+        if stored is None:  # a torchrun rank other than 0: its share is embedded and cached
             return None
-        vectors = vectors[spec["layer"]]
-    device = pick_device_dtype(args.head_device or args.device)[0]
+        vectors = stored[spec["pooling"], spec["layer"]].load()
+    device = pick_device(args.head_device or args.device)
     probs = predict_proba([h.to(device) for h in heads], vectors).cpu()
     predictions = top_k(probs, labels)
     ids = [row[spec["id_col"]] for row in rows]
@@ -109,13 +119,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a folder written by train.py --out")
     p.add_argument("--data", required=True, help="CSV to predict; scored when it has the label columns")
-    p.add_argument("--out", default=None, help="write a submission CSV here (id, three space-separated labels)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None: cuda if available")
+    p.add_argument("--out", default=None, help="write a submission CSV here (id, three space-separated labels); "
+                   "None: none is written")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="compute dtype; None: the "
+                   "checkpoint's, so that the vectors are the ones its head was trained on")
     p.add_argument("--head-device", default=None, help="where the heads predict; None: the embedding device")
-    embed_cache.add_flags(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    embed_cache.add_flags(p, quantize_default=None)
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    cli(main, parse_args)
+    embed_cache.cli(main, parse_args)

@@ -1,4 +1,5 @@
-"""The classifier on top of frozen Qwen3 vectors: a 3-layer MLP, saved as safetensors + JSON.
+"""The classifier on top of frozen Qwen3 vectors: a 3-layer MLP, saved as safetensors + JSON, and
+how its predictions are scored (top_k labels, the competition's MAP@3).
 
 A checkpoint is a folder:
     meta.json          labels (index order), head hyperparameters, the embedding spec, head files
@@ -91,3 +92,21 @@ def predict_proba(heads, x, batch_size=4096):
         xb = x[start:start + batch_size].to(device)
         out.append(torch.stack([h(xb).softmax(-1) for h in heads]).mean(0))
     return torch.cat(out) if out else torch.empty(0, heads[0].hparams["n_classes"], device=device)
+
+
+def top_k(probs, labels, k=3):
+    """The k most probable labels per row, best first, all distinct."""
+    idx = probs.topk(min(k, probs.shape[1]), dim=1).indices
+    return [[labels[j] for j in row] for row in idx.tolist()]
+
+
+def map_at_k(truth, predictions, k=3):
+    """The competition's MAP@3: 1/rank of the first correct label among the first k predictions,
+    else 0, averaged over rows. A label repeated in a row's predictions counts at its first rank."""
+    total = 0.0
+    for y, preds in zip(truth, predictions, strict=True):
+        for rank, p in enumerate(preds[:k], start=1):
+            if p == y:
+                total += 1 / rank
+                break
+    return total / len(truth) if truth else 0.0

@@ -5,12 +5,11 @@
 The first run embeds every text (the only expensive step) and caches the vectors; later runs that
 change only head flags (--epochs, --lr, --hidden, ...) read the cache and run no forward pass.
 With --lora-rank R the embedder itself is fine-tuned instead: LoRA adapters (lora.py) and the head
-train together in train_lora, on vectors computed afresh at every step.
+train together, on vectors computed afresh at every step. Both go through one loop, train_loop.
 `python train.py --help` lists every flag; the work is in main(args), importable by tests.
 """
 
 import argparse
-import contextlib
 import csv
 import io
 import json
@@ -18,17 +17,18 @@ import math
 import random
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 import embed_cache
-from data import (CORRECT_SUFFIX, MAP_TEMPLATE, add_answer_is_correct, check_ids, cli, kfold, labels_of,
+from data import (CORRECT_SUFFIX, MAP_TEMPLATE, add_answer_is_correct, check_ids, kfold, labels_of,
                   map_correct_answers, read_csv, render, require_columns, split, template_fields)
-from evaluate import map_at_k, top_k
-from mlp_head import ACTIVATIONS, MLPHead, predict_proba, save_checkpoint
-from lora import add_lora, check_lora
-from qwen_embed import Qwen3Config, Qwen3Embedder, pick_device_dtype, resolve_model_dir, to_device
+from lora import add_lora, check_lora, checkpoint_blocks
+from mlp_head import ACTIVATIONS, MLPHead, map_at_k, predict_proba, save_checkpoint, top_k
+from qwen_embed import Qwen3Config, Qwen3Embedder
+from runtime import dtype_name, pick_device, resolve_model_dir
 
 
 def get_lr(step, total_steps, warmup_steps, max_lr):
@@ -39,6 +39,12 @@ def get_lr(step, total_steps, warmup_steps, max_lr):
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return max_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
+
+def silent(*_):  # the log of runs that print a table instead of epochs (sweeps, extra CV)
+    pass
+
+
+# ----------------------------------------------------------------------------- the training loop
 
 @torch.no_grad()
 def evaluate_head(head, x, y, labels):
@@ -53,114 +59,119 @@ def evaluate_head(head, x, y, labels):
     return loss, acc, map_at_k(truth, preds), probs
 
 
-def train_head(x_tr, y_tr, x_va, y_va, labels, args, log=print, tag=""):
-    """Hand-written loop: AdamW, warmup + cosine LR, keep the epoch with the best validation MAP@3.
-    Runs on args.head_device (None: the embedding device); the head comes back on the CPU."""
-    device = head_device(args)
-    x_tr, y_tr, x_va, y_va = (t.to(device) for t in (x_tr, y_tr, x_va, y_va))
-    torch.manual_seed(args.seed)  # same seed, same init, same batches, same numbers (on the same device)
-    head = MLPHead(x_tr.shape[1], len(labels), args.hidden, args.dropout, args.activation, args.input_norm).to(device)
+def train_loop(head, groups, n_train, batch_loss, validate, snapshot, args, log, tag=""):
+    """The one hand-written loop, for the frozen head and for LoRA: AdamW over the parameter groups
+    (each with its own peak LR, warmup then cosine), the rows shuffled each epoch by a seeded
+    generator, and the epoch with the best validation MAP@3 kept (the last one without validation).
+
+    batch_loss(idx): the loss on training rows idx (0..n_train-1); validate(): (loss, acc, MAP@3,
+    probs) on the validation rows, or None if there are none; snapshot(): the tensors to keep of
+    the best epoch. Returns {"epoch", "map3", "acc", "loss", "probs", "state"}."""
+    device = next(head.parameters()).device
     # fused: one kernel for the whole update, 1.7x faster steps on CPU for a 2048x1024 head
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    steps_per_epoch = math.ceil(len(x_tr) / args.head_batch_size)
-    total = args.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
+    total = args.epochs * math.ceil(n_train / args.head_batch_size)
     warmup = int(args.warmup_frac * total)
     gen = torch.Generator().manual_seed(args.seed)
     best, step = None, 0
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
         head.train()
-        order = torch.randperm(len(x_tr), generator=gen).to(device)
+        order = torch.randperm(n_train, generator=gen)
         train_loss = torch.zeros((), device=device)  # summed on the device: no wait for the GPU each step
-        for start in range(0, len(x_tr), args.head_batch_size):
+        for start in range(0, n_train, args.head_batch_size):
             idx = order[start:start + args.head_batch_size]
             for group in opt.param_groups:
-                group["lr"] = get_lr(step, total, warmup, args.lr)
-            loss = F.cross_entropy(head(x_tr[idx]), y_tr[idx], label_smoothing=args.label_smoothing)
+                group["lr"] = get_lr(step, total, warmup, group["peak"])
+            loss = batch_loss(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             train_loss += loss.detach() * len(idx)
             step += 1
-        train_loss = train_loss.item() / len(x_tr)
-        if len(x_va):
-            val_loss, val_acc, val_map, probs = evaluate_head(head, x_va, y_va, labels)
-            log(f"{tag}epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                f"val acc {val_acc:.4f}  val MAP@3 {val_map:.4f}  {time.time() - t0:.2f}s")
-        else:  # no validation: the last epoch is kept
-            val_loss = val_acc = val_map = float("nan")
-            probs = torch.empty(0, len(labels))
-            log(f"{tag}epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f}  {time.time() - t0:.2f}s")
-        if best is None or not len(x_va) or val_map > best["map3"]:
-            best = {"epoch": epoch, "map3": val_map, "acc": val_acc, "loss": val_loss, "probs": probs,
-                    "state": {k: v.clone() for k, v in head.state_dict().items()}}
+        val = validate()
+        line = f"{tag}epoch {epoch:3d}/{args.epochs}  train loss {train_loss.item() / n_train:.4f}  "
+        if val is None:  # no validation: the last epoch is kept
+            val = float("nan"), float("nan"), float("nan"), torch.empty(0, head.hparams["n_classes"])
+        else:
+            line += f"val loss {val[0]:.4f}  val acc {val[1]:.4f}  val MAP@3 {val[2]:.4f}  "
+        log(line + f"{time.time() - t0:.2f}s")
+        if best is None or math.isnan(val[2]) or val[2] > best["map3"]:
+            best = dict(zip(("loss", "acc", "map3", "probs"), val), epoch=epoch, state=snapshot())
+    return best
+
+
+def make_head(in_dim, n_classes, args, device):
+    head = MLPHead(in_dim, n_classes, args.hidden, args.dropout, args.activation, args.input_norm).to(device)
+    group = {"params": list(head.parameters()), "lr": args.lr, "peak": args.lr, "weight_decay": args.weight_decay}
+    return head, group
+
+
+def train_head(x_tr, y_tr, x_va, y_va, labels, args, log=silent, tag=""):
+    """A head on frozen vectors, on args.head_device (None: the embedding device); it comes back on
+    the CPU with the best epoch's weights. Returns (head, best) as train_loop."""
+    device = pick_device(args.head_device or args.device)
+    x_tr, y_tr, x_va, y_va = (t.to(device) for t in (x_tr, y_tr, x_va, y_va))
+    torch.manual_seed(args.seed)  # same seed, same init, same batches, same numbers (on the same device)
+    head, group = make_head(x_tr.shape[1], len(labels), args, device)
+
+    def batch_loss(idx):
+        idx = idx.to(device)
+        return F.cross_entropy(head(x_tr[idx]), y_tr[idx], label_smoothing=args.label_smoothing)
+
+    best = train_loop(head, [group], len(x_tr), batch_loss,
+                      lambda: evaluate_head(head, x_va, y_va, labels) if len(x_va) else None,
+                      lambda: {k: v.clone() for k, v in head.state_dict().items()}, args, log or silent, tag)
     head.load_state_dict(best.pop("state"))
     return head.cpu().eval(), best
 
 
-def head_device(args):
-    return pick_device_dtype(args.head_device or args.device)[0]
-
-
 def train_lora(args, texts, y, tr, va, labels, log=print):
-    """--lora-rank R: adapters on the frozen Qwen3 (lora.py) and the head, trained together on the
-    pooled EOS state in the same loop as train_head: each step runs the model on a batch of texts,
-    with gradients, instead of reading cached vectors. Returns (head, best epoch, adapter tensors)."""
-    device, dtype = pick_device_dtype(args.device, args.dtype)  # the base stays in dtype, the adapters fp32
-    embedder = Qwen3Embedder.from_pretrained(args.model, device=device, dtype=dtype, compile=False)
-    model = embedder.model
-    model.grad_checkpoint = args.grad_checkpoint
+    """--lora-rank R: adapters on the frozen Qwen3 (lora.py) and the head, trained together in
+    train_loop on the pooled EOS state: each step runs the model on a batch of texts, with
+    gradients, instead of reading cached vectors. Returns (head, best, adapter tensors, embedder)."""
+    embedder = Qwen3Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=False,
+                                             quantize=args.quantize, max_memory=args.max_memory, log=log)
+    model, head_device = embedder.model, pick_device(args.head_device or embedder.device)
     torch.manual_seed(args.seed)  # same seed: same adapters, head, batches, dropout
     lora = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), args.lora_layers)
-    head = MLPHead(args.dim or embedder.dim, len(labels), args.hidden, args.dropout, args.activation,
-                   args.input_norm).to(device)
-    groups = [{"params": list(head.parameters()), "lr": args.lr, "peak": args.lr, "weight_decay": args.weight_decay},
-              {"params": list(lora.values()), "lr": args.lora_lr, "peak": args.lora_lr, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, fused=True)
+    if args.grad_checkpoint:
+        checkpoint_blocks(model)
+    head, group = make_head(args.dim or embedder.dim, len(labels), args, head_device)
+    adapters = {"params": list(lora.values()), "lr": args.lora_lr, "peak": args.lora_lr, "weight_decay": 0.0}
     n_params = sum(p.numel() for p in lora.values())
     log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {args.lora_targets} in the top "
         f"{args.lora_layers or len(model.layers)} of {len(model.layers)} blocks: {n_params:,} trainable parameters "
-        f"(the model has {sum(p.numel() for p in model.parameters()) - n_params:,}); vectors are not cached")
+        f"(the model has {sum(t.numel() for t in model.state_dict().values()) - n_params:,}); vectors are not cached")
     ids = embedder.tokenize(texts, args.instruction, args.max_length)
 
-    def vectors(rows):  # (len(rows), D) pooled and L2-normed, as the frozen path's cached vectors
+    def batch_loss(idx):  # the model with gradients on these texts, pooled and L2-normed like the cache's vectors
+        rows = tr[idx].tolist()
         lengths = torch.tensor([len(ids[i]) for i in rows])
-        flat, = to_device([torch.tensor([t for i in rows for t in ids[i]])], device)
-        return embedder.pool(model(flat, lengths), lengths, args.pooling, args.dim, normalize=True)
+        flat = torch.tensor([t for i in rows for t in ids[i]]).to(embedder.device)
+        v = embedder.pool(model(flat, lengths), lengths, args.pooling, args.dim, normalize=True)
+        return F.cross_entropy(head(v.to(head_device)), y[tr[idx]].to(head_device), label_smoothing=args.label_smoothing)
 
-    steps_per_epoch = math.ceil(len(tr) / args.head_batch_size)
-    total, gen = args.epochs * steps_per_epoch, torch.Generator().manual_seed(args.seed)
-    warmup, best, step = int(args.warmup_frac * total), None, 0
-    y, val_texts = y.to(device), [texts[i] for i in va.tolist()]
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        head.train()
-        train_loss = torch.zeros((), device=device)
-        order = tr[torch.randperm(len(tr), generator=gen)]
-        for start in range(0, len(tr), args.head_batch_size):
-            rows = order[start:start + args.head_batch_size]
-            for group in opt.param_groups:
-                group["lr"] = get_lr(step, total, warmup, group["peak"])
-            loss = F.cross_entropy(head(vectors(rows.tolist())), y[rows.to(device)], label_smoothing=args.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            train_loss += loss.detach() * len(rows)
-            step += 1
-        x_va = embedder.encode(val_texts, instruction=args.instruction, max_length=args.max_length, dim=args.dim,
-                               pooling=args.pooling, progress=False) if len(va) else torch.empty(0, head.hparams["in_dim"])
-        val_loss, val_acc, val_map, probs = evaluate_head(head, x_va, y[va.to(device)], labels)
-        log(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss.item() / len(tr):.4f}  val loss {val_loss:.4f}  "
-            f"val acc {val_acc:.4f}  val MAP@3 {val_map:.4f}  {time.time() - t0:.2f}s")
-        if best is None or not len(va) or val_map > best["map3"]:
-            best = {"epoch": epoch, "map3": val_map, "acc": val_acc, "loss": val_loss, "probs": probs,
-                    "state": {k: v.clone() for k, v in head.state_dict().items()},
-                    "lora": {k: v.detach().clone() for k, v in lora.items()}}
-    head.load_state_dict(best.pop("state"))
-    return head.cpu().eval(), best, {k: v.cpu() for k, v in best.pop("lora").items()}
+    def validate():
+        if not len(va):
+            return None
+        x_va = embedder.encode([texts[i] for i in va.tolist()], instruction=args.instruction,
+                               max_length=args.max_length, dim=args.dim, pooling=args.pooling, progress=False)
+        return evaluate_head(head, x_va, y[va], labels)
+
+    def snapshot():
+        return {"head": {k: v.clone() for k, v in head.state_dict().items()},
+                "lora": {k: v.detach().clone() for k, v in lora.items()}}
+
+    best = train_loop(head, [group, adapters], len(tr), batch_loss, validate, snapshot, args, log)
+    state = best.pop("state")
+    head.load_state_dict(state["head"])
+    return head.cpu().eval(), best, {k: v.cpu() for k, v in state["lora"].items()}, embedder
 
 
-@contextlib.contextmanager
+# ----------------------------------------------------------------------------- runs
+
+@contextmanager
 def interrupted(progress):
     """Ctrl-C in the head phase: say how far it got (progress() -> text). Nothing is written then:
     checkpoints are written whole at the end, never as if an unfinished sweep or CV had finished."""
@@ -193,51 +204,68 @@ def check_flags(args):
 
 
 def load_rows(args, log):
-    """The CSV, checked against the flags -> rows, texts to embed, label strings."""
+    """The CSV, checked against the flags -> {rows, texts, truth, template, correct_answers}."""
     columns, rows = read_csv(args.data)
     require_columns(args.data, columns, [args.id_col], "--id-col")
     require_columns(args.data, columns, args.label_cols.split(","), "--label-cols")
     if args.group_col:
         require_columns(args.data, columns, [args.group_col], "--group-col")
+    template, correct = args.text_template, None
     if args.map_correct:
         require_columns(args.data, columns, ["QuestionId", "MC_Answer", "Category"], "--map-correct")
-        args.correct_answers = map_correct_answers(rows)
-        add_answer_is_correct(rows, args.correct_answers)
+        correct = map_correct_answers(rows)
+        add_answer_is_correct(rows, correct)
         columns = columns + ["AnswerIsCorrect"]
-        if "{AnswerIsCorrect}" not in args.text_template:
-            args.text_template += CORRECT_SUFFIX
-    require_columns(args.data, columns, template_fields(args.text_template), "--text-template")
+        if "{AnswerIsCorrect}" not in template:
+            template += CORRECT_SUFFIX
+    require_columns(args.data, columns, template_fields(template), "--text-template")
     check_ids(args.data, rows, args.id_col)
-    texts = render(args.text_template, rows)
+    texts = render(template, rows)
     empty = [row[args.id_col] for row, t in zip(rows, texts) if not t.strip()]
     if empty:  # embedded all the same (EOS alone still gives a vector), but worth knowing
         log(f"warning: {len(empty)} rows render to an empty text, e.g. {args.id_col} {empty[:5]}")
     truth = labels_of(rows, args.label_cols.split(","))
     log(f"{args.data}: {len(rows)} rows, {len(set(truth))} labels")
-    return rows, texts, truth
+    return {"rows": rows, "texts": texts, "truth": truth, "template": template, "correct_answers": correct}
 
 
-def embed_rows(args, texts, rows, log, pooling=None, layers=None):
-    """{layer: (rows, D) vectors} through the cache; layers default to (args.layer,)."""
+def cache_vectors(args, data, log, poolings=None, layers=None):
+    """{(pooling, layer): embed_cache.Vectors} for the rows' texts, in one forward pass for all of
+    them where any is missing; None on a torchrun rank other than 0."""
     t0 = time.time()
-    out = embed_cache.embed(texts, args.model, instruction=args.instruction, max_length=args.max_length,
-                            pooling=pooling or args.pooling, dim=args.dim, layers=layers or (args.layer,),
-                            device=args.device, dtype=args.dtype, **embed_cache.run_options(args),
-                            log=log, ids=[row[args.id_col] for row in rows])
-    if out is not None:  # None: a torchrun rank other than 0, whose work ends here
-        log(f"embeddings: {len(out)} x {tuple(next(iter(out.values())).shape)} in {time.time() - t0:.1f}s")
-    return out
+    stored = embed_cache.ensure_cached(
+        data["texts"], args.model, poolings=poolings or (args.pooling,), layers=layers or (args.layer,),
+        instruction=args.instruction, max_length=args.max_length, dim=args.dim, dtype=args.dtype,
+        **embed_cache.run_options(args), log=log, ids=[row[args.id_col] for row in data["rows"]])
+    if stored is not None:
+        log(f"embeddings: {len(stored)} x ({len(data['texts'])}, {next(iter(stored.values())).dim}) "
+            f"in {time.time() - t0:.1f}s")
+    return stored
 
 
-def cross_validate(x, y, truth, labels, args, groups, log, quiet=False):
-    """K heads, each validated on its held-out fold -> (heads, out-of-fold probabilities, results)."""
+def fit_one(args, x, y, truth, labels, tr, va, groups, log):
+    with interrupted(lambda: "while training the head"):
+        head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log)
+    if len(va):
+        log(f"best epoch {best['epoch']}: val MAP@3 {best['map3']:.4f}, val acc {best['acc']:.4f} "
+            f"({len(tr)} train / {len(va)} val rows{', grouped by ' + args.group_col if groups else ''})")
+    return {"heads": [head], "val_idx": va, "val_probs": best["probs"], "results": best_results(best)}
+
+
+def best_results(best):
+    return {"best_epoch": best["epoch"], "val_map3": best["map3"], "val_acc": best["acc"], "val_loss": best["loss"]}
+
+
+def cross_validate(x, y, truth, labels, args, groups, log, fold_log=None):
+    """K heads, each validated on its held-out fold -> (heads, out-of-fold probabilities, results).
+    x is held once; each fold copies only its own split. fold_log: the epochs' log (default: log)."""
     fold = torch.tensor(kfold(truth, args.folds, groups, args.seed))
     heads, oof, maps = [], torch.zeros(len(y), len(labels)), []
     with interrupted(lambda: f"in fold {len(maps) + 1} of {args.folds}" + (f" (val MAP@3 of the folds done: "
                      f"{', '.join(f'{m:.4f}' for m in maps)})" if maps else "")):
         for k in range(args.folds):
             tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
-            head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, (lambda *_: None) if quiet else log,
+            head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, fold_log or log,
                                     tag=f"fold {k}  ")
             heads.append(head)
             oof[va] = best["probs"]
@@ -248,6 +276,14 @@ def cross_validate(x, y, truth, labels, args, groups, log, quiet=False):
     log(f"{args.folds}-fold MAP@3 {res['map3_mean']:.4f} ± {res['map3_std']:.4f}, "
         f"out-of-fold MAP@3 {res['oof_map3']:.4f} ({kind})")
     return heads, oof, res
+
+
+def fit_folds(args, x, y, truth, labels, tr, va, groups, log):
+    results = {}
+    if groups is not None:  # the competition's test asks train's questions: stratified CV mimics it
+        results["stratified"] = cross_validate(x, y, truth, labels, args, None, log, silent)[2]
+    heads, oof, res = cross_validate(x, y, truth, labels, args, groups, log)
+    return {"heads": heads, "val_idx": torch.arange(len(y)), "val_probs": oof, "results": {**results, **res}}
 
 
 def sample_head_config(rng):
@@ -261,121 +297,121 @@ def sample_head_config(rng):
 def print_table(log, header, rows):
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     for line in [header] + rows:
-        log("  ".join(str(v).rjust(w) for v, w in zip(line, widths)))
+        log("  ".join(str(v).rjust(w) if i < len(header) - 1 else str(v) for i, (v, w) in enumerate(zip(line, widths))))
 
 
-def quiet(*_):  # sweeps print tables, not epochs
-    pass
-
-
-def layer_sweep(args, rows, texts, labels, y, tr, va, log, results):
-    """One forward pass per pooling pools every layer; each (pooling, layer) gets its own head."""
-    n_layers = Qwen3Config.from_json(resolve_model_dir(args.model) / "config.json").num_hidden_layers
-    layers = [None] + list(range(n_layers + 1)) if args.layer_sweep else [args.layer]
-    poolings = ["last", "mean"] if args.compare_pooling else [args.pooling]
-    vectors = {p: embed_rows(args, texts, rows, log, pooling=p, layers=layers) for p in poolings}
-    if any(v is None for v in vectors.values()):  # a torchrun rank other than 0
-        return None
-    table = []
-    with interrupted(lambda: f"after {len(table)} of {len(poolings) * len(layers)} layer-sweep heads"):
-        for pooling, layer in ((p, layer) for p in poolings for layer in layers):
-            t0 = time.time()
-            x = vectors[pooling][layer]
-            _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, quiet)
-            table.append([pooling, "final (normed)" if layer is None else str(layer), f"{best['map3']:.4f}",
-                          f"{best['acc']:.4f}", best["epoch"], f"{time.time() - t0:.1f}s"])
-    print_table(log, ["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time"], table)
-    return {**results, "table": table}
-
-
-def head_sweep(args, x, y, labels, tr, va, log, results):
-    """--sweep N random head configurations on the same vectors and split; the best one is kept."""
-    rng = random.Random(args.seed)
-    trials = []
+def fit_sweep(args, x, y, truth, labels, tr, va, groups, log):
+    """--sweep N random head configurations on the same vectors and split. Only the best trial's
+    head and probabilities are kept; the others are scored and dropped."""
+    rng, trials, best = random.Random(args.seed), [], None
 
     def progress():  # for Ctrl-C
-        best = max(trials, key=lambda t: (t[0], -t[1]), default=None)
         return f"after {len(trials)} of {args.sweep} sweep trials" + (
-            f" (best so far: trial {best[1]}, val MAP@3 {best[0]:.4f}, {json.dumps(best[2])})" if best else "")
+            f" (best so far: trial {best[0]}, val MAP@3 {best[2]['map3']:.4f}, {json.dumps(best[1])})" if best else "")
 
     with interrupted(progress):
         for trial in range(args.sweep):
             config = sample_head_config(rng)
             t0 = time.time()
-            head, best = train_head(x[tr], y[tr], x[va], y[va], labels,
-                                    argparse.Namespace(**{**vars(args), **config}), quiet)
-            trials.append((best["map3"], trial, config, head, best, time.time() - t0))
-            log(f"trial {trial:3d}: val MAP@3 {best['map3']:.4f}  {json.dumps(config)}  {time.time() - t0:.1f}s")
+            head, result = train_head(x[tr], y[tr], x[va], y[va], labels, argparse.Namespace(**{**vars(args), **config}))
+            trials.append((result["map3"], trial, config, time.time() - t0))
+            if best is None or result["map3"] > best[2]["map3"]:
+                best = (trial, config, result, head)
+            del head, result  # only the best trial's head and probabilities stay
+            log(f"trial {trial:3d}: val MAP@3 {trials[-1][0]:.4f}  {json.dumps(config)}  {trials[-1][3]:.1f}s")
     trials.sort(key=lambda t: (-t[0], t[1]))
     print_table(log, ["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs", "time"],
                 [[r + 1, t, f"{m:.4f}", "x".join(map(str, c["hidden"])), c["dropout"], f"{c['lr']:.2e}",
                   c["weight_decay"], c["label_smoothing"], c["epochs"], f"{s:.1f}s"]
-                 for r, (m, t, c, _, _, s) in enumerate(trials)])
-    _, best_trial, config, head, best, _ = trials[0]
-    vars(args).update(config)  # the checkpoint's args.json records the winning configuration
-    results.update(best_trial=best_trial, val_map3=best["map3"], sweep=[[t[1], t[0], t[2]] for t in trials])
-    return [head], va, best["probs"]
+                 for r, (m, t, c, s) in enumerate(trials)])
+    trial, config, result, head = best
+    return {"heads": [head], "val_idx": va, "val_probs": result["probs"], "config": config,
+            "results": {"best_trial": trial, "val_map3": result["map3"], "sweep": [[t, m, c] for m, t, c, _ in trials]}}
+
+
+def score_bar(value, low, high, width=24):
+    """A text bar from low (empty) to high (full), so the best rows of a table stand out."""
+    return "#" * (width if high <= low else round((value - low) / (high - low) * width))
+
+
+def layer_sweep(args, data, labels, y, tr, va, log, results):
+    """One forward pass pools every layer (and both poolings); then one head per (pooling, layer),
+    each trained with only that layer's vectors in memory."""
+    n_layers = Qwen3Config.from_json(resolve_model_dir(args.model) / "config.json").num_hidden_layers
+    layers = [None] + list(range(n_layers + 1)) if args.layer_sweep else [args.layer]
+    poolings = ["last", "mean"] if args.compare_pooling else [args.pooling]
+    stored = cache_vectors(args, data, log, poolings, layers)
+    if stored is None:  # a torchrun rank other than 0
+        return None
+    table = []
+    with interrupted(lambda: f"after {len(table)} of {len(poolings) * len(layers)} layer-sweep heads"):
+        for pooling, layer in ((p, layer) for p in poolings for layer in layers):
+            t0 = time.time()
+            x = stored[pooling, layer].load()
+            _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args)
+            del x  # one layer's vectors in memory at a time
+            table.append([pooling, "final (normed)" if layer is None else str(layer), f"{best['map3']:.4f}",
+                          f"{best['acc']:.4f}", best["epoch"], f"{time.time() - t0:.1f}s"])
+    scores = [float(r[2]) for r in table]
+    print_table(log, ["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time", ""],
+                [r + [score_bar(s, min(scores), max(scores))] for r, s in zip(table, scores)])
+    return {**results, "table": table}
+
+
+def save_run(args, data, labels, fitted, results, embedding, log):
+    """The checkpoint folder: heads, meta.json (with the embedding spec evaluate.py needs), the
+    flags that made it, the validation predictions, and the LoRA adapters if any."""
+    truth, rows, lora = data["truth"], data["rows"], fitted.get("lora")
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow([args.id_col, "label", "top3"] + [f"p_{label}" for label in labels])
+    for i, p, pr in zip(fitted["val_idx"].tolist(), top_k(fitted["val_probs"], labels), fitted["val_probs"].tolist()):
+        w.writerow([rows[i][args.id_col], truth[i], " ".join(p)] + [f"{v:.5f}" for v in pr])
+    if lora:  # the adapters beside the head; evaluate.py applies them to the base model
+        results["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
+                           "layers": args.lora_layers, "file": "lora.safetensors"}
+    flags = {**vars(args), **fitted.get("config", {})}  # a sweep records its winning configuration
+    save_checkpoint(args.out, fitted["heads"], labels, embedding, results,
+                    files={"args.json": json.dumps(flags, indent=2), "val_predictions.csv": table.getvalue()},
+                    tensors={"lora.safetensors": lora} if lora else None)
+    log(f"wrote {args.out}/ (meta.json, {len(fitted['heads'])} head file(s){', lora.safetensors' if lora else ''}, "
+        f"args.json, val_predictions.csv)")
 
 
 def main(args, log=print):
     check_flags(args)
-    rows, texts, truth = load_rows(args, log)
+    data = load_rows(args, log)
+    truth = data["truth"]
     labels = sorted(set(truth))
     index = {label: i for i, label in enumerate(labels)}
     y = torch.tensor([index[t] for t in truth])
-    groups = [row[args.group_col] for row in rows] if args.group_col else None
+    groups = [row[args.group_col] for row in data["rows"]] if args.group_col else None
     tr, va = (torch.tensor(i, dtype=torch.long) for i in split(truth, args.val_frac, groups, args.seed))
-    results = {"n_labels": len(labels), "n_rows": len(rows)}
-
+    results = {"n_labels": len(labels), "n_rows": len(truth)}
     if args.layer_sweep or args.compare_pooling:
-        return layer_sweep(args, rows, texts, labels, y, tr, va, log, results)
-    lora = None
+        return layer_sweep(args, data, labels, y, tr, va, log, results)
     if args.lora_rank:  # fine-tuning: no cached vectors, they change as the adapters learn
         with interrupted(lambda: "while fine-tuning"):
-            head, best, lora = train_lora(args, texts, y, tr, va, labels, log)
-        results["lora_trainable_params"] = sum(t.numel() for t in lora.values())
+            head, best, lora, embedder = train_lora(args, data["texts"], y, tr, va, labels, log)
+        fitted = {"heads": [head], "val_idx": va, "val_probs": best["probs"], "lora": lora,
+                  "results": {**best_results(best), "lora_trainable_params": sum(t.numel() for t in lora.values())}}
+        dtype, weight_format = embedder.dtype, embedder.weight_format
     else:
-        x = embed_rows(args, texts, rows, log)
-        if x is None:
+        stored = cache_vectors(args, data, log)
+        if stored is None:  # a torchrun rank other than 0, whose work ends here
             return None
-        x = x[args.layer]
-        if args.sweep:
-            heads, val_idx, val_probs = head_sweep(args, x, y, labels, tr, va, log, results)
-        elif args.folds:
-            if groups is not None:  # the competition's test asks train's questions: stratified CV mimics it
-                results["stratified"] = cross_validate(x, y, truth, labels, args, None, log, quiet=True)[2]
-            heads, val_probs, res = cross_validate(x, y, truth, labels, args, groups, log)
-            val_idx = torch.arange(len(rows))
-            results.update(res)
-        else:
-            with interrupted(lambda: "while training the head"):
-                head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log)
-    if not (args.sweep or args.folds):
-        heads, val_idx, val_probs = [head], va, best["probs"]
-        results.update(best_epoch=best["epoch"], val_map3=best["map3"], val_acc=best["acc"], val_loss=best["loss"])
-        if len(va):
-            log(f"best epoch {best['epoch']}: val MAP@3 {best['map3']:.4f}, val acc {best['acc']:.4f} "
-                f"({len(tr)} train / {len(va)} val rows{', grouped by ' + args.group_col if groups else ''})")
-
+        vectors = stored[args.pooling, args.layer]
+        fit = fit_sweep if args.sweep else fit_folds if args.folds else fit_one
+        fitted = fit(args, vectors.load(), y, truth, labels, tr, va, groups, log)
+        dtype, weight_format = vectors.cache.spec["dtype"], vectors.cache.spec.get("weights", "none")
+    results.update(fitted["results"])
     if args.out:
         embedding = {"model": args.model, "instruction": args.instruction, "max_length": args.max_length,
-                     "pooling": args.pooling, "dim": args.dim, "layer": args.layer, "dtype": args.dtype,
-                     "text_template": args.text_template, "label_cols": args.label_cols.split(","),
-                     "id_col": args.id_col, "correct_answers": getattr(args, "correct_answers", None)}
-        preds = top_k(val_probs, labels)
-        table = io.StringIO()
-        w = csv.writer(table)
-        w.writerow([args.id_col, "label", "top3"] + [f"p_{label}" for label in labels])
-        for i, p, pr in zip(val_idx.tolist(), preds, val_probs.tolist()):
-            w.writerow([rows[i][args.id_col], truth[i], " ".join(p)] + [f"{v:.5f}" for v in pr])
-        if lora:  # the adapters beside the head; evaluate.py merges them into the base model's weights
-            results["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
-                               "layers": args.lora_layers, "file": "lora.safetensors"}
-        save_checkpoint(args.out, heads, labels, embedding, results,
-                        files={"args.json": json.dumps(vars(args), indent=2), "val_predictions.csv": table.getvalue()},
-                        tensors={"lora.safetensors": lora} if lora else None)
-        log(f"wrote {args.out}/ (meta.json, {len(heads)} head file(s){', lora.safetensors' if lora else ''}, "
-            f"args.json, val_predictions.csv)")
+                     "pooling": args.pooling, "dim": args.dim, "layer": args.layer,
+                     "dtype": dtype if isinstance(dtype, str) else dtype_name(dtype), "weights": weight_format,
+                     "text_template": data["template"], "label_cols": args.label_cols.split(","),
+                     "id_col": args.id_col, "correct_answers": data["correct_answers"]}
+        save_run(args, data, labels, fitted, results, embedding, log)
     return results
 
 
@@ -387,7 +423,8 @@ def parse_args(argv=None):
     d.add_argument("--text-template", default=MAP_TEMPLATE, help="format string over column names: the text to embed")
     d.add_argument("--label-cols", default="Category,Misconception", help="comma-separated; the label joins them with ':'")
     d.add_argument("--id-col", default="row_id", help="unique row id column")
-    d.add_argument("--group-col", default=None, help="split by this column (e.g. QuestionId): no group in both train and val")
+    d.add_argument("--group-col", default=None, help="split by this column (e.g. QuestionId): no group in both train and val; "
+                   "None: a split stratified by label")
     d.add_argument("--val-frac", type=float, default=0.2, help="validation share (0: train on everything)")
     d.add_argument("--folds", type=int, default=0, help="K-fold cross-validation with K heads saved (0: one split); "
                    "with --group-col, stratified CV is reported too")
@@ -395,18 +432,18 @@ def parse_args(argv=None):
                    "(yes/no: is MC_Answer the answer most chosen by True_ rows of its question?) to the template")
     e = p.add_argument_group("embedding")
     e.add_argument("--model", default="Qwen/Qwen3-Embedding-0.6B", help="Hub repo id or local checkpoint folder")
-    e.add_argument("--instruction", default=None, help="Qwen3-Embedding instruction ('Instruct: ...\\nQuery:' prefix)")
+    e.add_argument("--instruction", default=None, help="Qwen3-Embedding instruction ('Instruct: ...\\nQuery:' prefix); "
+                   "None: the text alone")
     e.add_argument("--max-length", type=int, default=512, help="tokens per text, EOS included")
-    e.add_argument("--dim", type=int, default=None, help="keep the first DIM features (Matryoshka)")
+    e.add_argument("--dim", type=int, default=None, help="keep the first DIM features (Matryoshka); None: all")
     e.add_argument("--pooling", choices=["last", "mean"], default="last", help="last (EOS) token or mean of tokens")
     e.add_argument("--layer", type=int, default=None, help="pool this layer's raw hidden state, 0 = embeddings, "
                    "negative from the end; None: the final normed output")
     e.add_argument("--layer-sweep", action="store_true", help="one forward pass, a head per layer, a table of val MAP@3")
     e.add_argument("--compare-pooling", action="store_true", help="the same for last and mean pooling")
-    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None: cuda if available")
     e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
-                   help="None: bfloat16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else float32 "
-                   "(float16 is refused: Qwen3 overflows it)")
+                   help="compute dtype; None: bfloat16 on CUDA GPUs of compute capability 8.0+ and on CPUs with "
+                   "native bf16 (AVX-512 BF16, AMX), else float32 (float16 is refused: Qwen3 overflows it)")
     embed_cache.add_flags(e)
     h = p.add_argument_group("head and training")
     h.add_argument("--hidden", type=int, nargs=2, default=[1024, 512], metavar=("H1", "H2"), help="hidden layer sizes")
@@ -431,9 +468,8 @@ def parse_args(argv=None):
     t.add_argument("--lora-lr", type=float, default=2e-4, help="peak learning rate of the adapters")
     t.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in the "
                    "backward pass: less memory, about a third more time")
-    h.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    cli(main, parse_args)
+    embed_cache.cli(main, parse_args)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +15,7 @@ import embed_cache
 import evaluate
 import train
 from data import read_csv, render
-from test_pipeline import write_csv
-from test_reliability import cached_keys
-
-ROOT = Path(__file__).parent.parent
-PINNED = ["--device", "cpu", "--dtype", "float32"]  # exact comparisons, on any machine
+from helpers import PINNED, ROOT, cached_keys, cli_error, write_csv
 
 
 def torchrun(args, nproc=2, script="train.py"):
@@ -101,7 +96,6 @@ def test_killed_rank_leaves_complete_chunks_and_resumes(tmp_path, tiny):
 
 def test_more_ranks_on_a_node_than_gpus_stops_before_any_work(tmp_path, tiny, monkeypatch):
     """torchrun --nproc_per_node=2 on a 1-GPU node: one line, not 'invalid device ordinal' from a rank."""
-    from test_reliability import cli_error
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")

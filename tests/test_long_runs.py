@@ -14,11 +14,10 @@ from safetensors.torch import load_file
 import embed_cache
 import train
 from data import read_csv, render
+from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, embedded, write_csv
 from qwen_embed import Qwen3Model
-from test_pipeline import write_csv
-from test_reliability import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, embedded
 
-TEXTS = [f"text number {i} " + "word " * (i % 17) for i in range(30)]
+NUMBERED_TEXTS = [f"text number {i} " + "word " * (i % 17) for i in range(30)]
 
 
 def chunk_files(cache):
@@ -27,13 +26,13 @@ def chunk_files(cache):
 
 def test_a_chunk_is_written_when_its_time_is_up(tmp_path, tiny):
     # A count limit never reached: only the time limit writes, once per batch here.
-    embed_cache.embed(TEXTS, str(tiny), cache_dir=tmp_path, chunk_size=10**6, chunk_seconds=1e-9, batch_size=10,
+    embed_cache.embed(NUMBERED_TEXTS, str(tiny), cache_dir=tmp_path, chunk_size=10**6, chunk_seconds=1e-9, batch_size=10,
                       progress=False, log=lambda *_: None, **PINNED_KW)
     assert [len(load_file(f)["keys"]) for f in chunk_files(tmp_path)] == [10, 10, 10]
 
 
 def test_many_small_chunks_are_compacted_and_load_the_same(tmp_path, tiny):
-    texts = TEXTS * 4 + [t + "!" for t in TEXTS]  # 60 distinct
+    texts = NUMBERED_TEXTS * 4 + [t + "!" for t in NUMBERED_TEXTS]  # 60 distinct
     kw = dict(cache_dir=tmp_path, progress=False, log=lambda *_: None, **PINNED_KW)
     first = embed_cache.embed(texts, str(tiny), chunk_seconds=1e-9, batch_size=5, **kw)[None]
     assert len(chunk_files(tmp_path)) == 1 and len(cached_keys(tmp_path)) == 60  # 12 chunks, merged into one
@@ -45,13 +44,13 @@ def test_many_small_chunks_are_compacted_and_load_the_same(tmp_path, tiny):
 def test_compaction_is_safe_against_a_kill_and_a_concurrent_run(tmp_path, tiny, monkeypatch):
     spec = {"test": 1}
     cache = embed_cache.Cache(tmp_path, spec)
-    keys, vectors = embed_cache.text_keys(TEXTS), torch.randn(len(TEXTS), 4)
+    keys, vectors = embed_cache.text_keys(NUMBERED_TEXTS), torch.randn(len(NUMBERED_TEXTS), 4)
     for s in range(0, 30, 3):
         cache.save(keys[s:s + 3], vectors[s:s + 3])
     files = chunk_files(tmp_path)
     # A kill after the merged file is in place but before the chunks are deleted: duplicates only.
     cache.save(keys, vectors)
-    assert len(cache.load(4)) == 30
+    assert len(cache.present(4)) == 30
     # A concurrent run merged two chunks away between our listing and our reading: they are skipped,
     # never reported as corrupt, and the merged file still holds their vectors.
     original = cache.read
@@ -65,8 +64,7 @@ def test_compaction_is_safe_against_a_kill_and_a_concurrent_run(tmp_path, tiny, 
     cache.compact(4, max_files=2)
     monkeypatch.undo()
     assert len(chunk_files(tmp_path)) == 1
-    found = cache.load(4)
-    assert torch.equal(torch.stack([found[bytes(k)] for k in keys.numpy()]), vectors)
+    assert torch.equal(cache.load([bytes(k) for k in keys.numpy()], 4), vectors)
 
 
 def fail_above(monkeypatch, max_tokens):
@@ -85,11 +83,11 @@ def fail_above(monkeypatch, max_tokens):
 
 
 def test_out_of_gpu_memory_splits_the_batch_and_keeps_the_smaller_budget(tmp_path, tiny, monkeypatch, capsys):
-    expected = embed_cache.embed(TEXTS, str(tiny), cache_dir=tmp_path / "a", progress=False, log=lambda *_: None,
+    expected = embed_cache.embed(NUMBERED_TEXTS, str(tiny), cache_dir=tmp_path / "a", progress=False, log=lambda *_: None,
                                  **PINNED_KW)[None]
     sizes = fail_above(monkeypatch, 100)
     logs = []
-    got = embed_cache.embed(TEXTS, str(tiny), cache_dir=tmp_path / "b", log=logs.append, **PINNED_KW)[None]
+    got = embed_cache.embed(NUMBERED_TEXTS, str(tiny), cache_dir=tmp_path / "b", log=logs.append, **PINNED_KW)[None]
     assert torch.allclose(got, expected, atol=1e-5)
     said = capsys.readouterr().out
     assert said.count("out of GPU memory") == 1, said  # said once, then the smaller budget is kept

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+import embed_cache
 import evaluate
 import train
 from data import kfold, read_csv, render, split, template_fields
-from evaluate import map_at_k, top_k
-from mlp_head import MLPHead, load_checkpoint, predict_proba
-from qwen_embed import Qwen3Model
+from helpers import count_forward_passes, write_csv
+from mlp_head import MLPHead, load_checkpoint, map_at_k, predict_proba, top_k
 
 
 # ----------------------------------------------------------------------------- MAP@3, worked by hand
@@ -124,30 +124,6 @@ def test_fold_ensemble_averages_probabilities():
 
 # ----------------------------------------------------------------------------- end to end
 
-WORDS = ["half", "quarter", "third", "add", "tops", "bottoms", "bigger", "decimal", "longer", "because"]
-
-
-def write_csv(path, n=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = ["True_Correct:NA", "False_Misconception:Additive", "True_Neither:NA", "False_Neither:NA"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["row_id", "QuestionId", "QuestionText", "MC_Answer", "StudentExplanation", "Category", "Misconception"])
-        for i in range(n):
-            words = [WORDS[j] for j in torch.randint(len(WORDS), (int(torch.randint(1, 12, ())),), generator=g)]
-            cat, mis = labels[i % 4].split(":")
-            w.writerow([i, 100 + i % 6, f"Question {i % 6}, with a comma?", r"\( \frac{1}{3} \)",
-                        " ".join(words) + ("\nsecond line" if i % 5 == 0 else ""), cat, mis])
-    return path
-
-
-def count_forward_passes(monkeypatch):
-    calls = []
-    original = Qwen3Model.forward
-    monkeypatch.setattr(Qwen3Model, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    return calls
-
-
 def test_train_checkpoint_evaluate_submission(tmp_path, tiny, monkeypatch):
     data = write_csv(tmp_path / "train.csv")
     calls = count_forward_passes(monkeypatch)
@@ -164,7 +140,15 @@ def test_train_checkpoint_evaluate_submission(tmp_path, tiny, monkeypatch):
     heads, meta = load_checkpoint(tmp_path / "run")
     assert len(heads) == 1 and meta["embedding"]["model"] == str(tiny)
     assert json.loads((tmp_path / "run" / "args.json").read_text())["epochs"] == 3
-    assert (tmp_path / "run" / "val_predictions.csv").read_text().startswith("row_id,label,top3")
+    # The saved validation predictions are the held-out rows of the grouped split, scored by the saved head.
+    _, val = read_val_predictions(tmp_path / "run")
+    rows = read_csv(data)[1]
+    truth = [f"{r['Category']}:{r['Misconception']}" for r in rows]
+    held_out = split(truth, 0.2, [r["QuestionId"] for r in rows], seed=0)[1]
+    assert sorted(val, key=int) == [rows[i]["row_id"] for i in held_out]
+    x = vectors_of(data, tiny, tmp_path / "cache")
+    for i in held_out:
+        assert torch.allclose(val[rows[i]["row_id"]], predict_proba(heads, x[i:i + 1])[0], atol=1e-5)
 
     test = write_csv(tmp_path / "test.csv", n=20, seed=1)
     out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "run"), "--data", str(test),
@@ -191,3 +175,27 @@ def test_folds_save_k_heads_and_out_of_fold_score(tmp_path, tiny):
     heads, meta = load_checkpoint(tmp_path / "run")
     assert len(heads) == 3 and meta["heads"] == ["head-0.safetensors", "head-1.safetensors", "head-2.safetensors"]
     assert math.isfinite(res["map3_std"])
+    # Out of fold: each row's saved prediction comes from the one head that did not train on it.
+    rows = read_csv(data)[1]
+    fold = kfold([f"{r['Category']}:{r['Misconception']}" for r in rows], 3, None, seed=0)
+    _, oof = read_val_predictions(tmp_path / "run")
+    x = vectors_of(data, tiny, tmp_path / "cache")
+    for i, row in enumerate(rows):
+        probs = [predict_proba([h], x[i:i + 1])[0] for h in heads]
+        assert torch.allclose(oof[row["row_id"]], probs[fold[i]], atol=1e-5)
+        assert not any(torch.allclose(oof[row["row_id"]], p, atol=1e-4) for k, p in enumerate(probs) if k != fold[i])
+
+
+def read_val_predictions(run):
+    """val_predictions.csv -> (labels, {row id: probabilities})."""
+    with open(run / "val_predictions.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    labels = [k[2:] for k in table[0] if k.startswith("p_")]
+    return labels, {r["row_id"]: torch.tensor([float(r[f"p_{label}"]) for label in labels]) for r in table}
+
+
+def vectors_of(data, tiny, cache):
+    """The default flags' vectors of a CSV's rows, from the cache the run wrote."""
+    texts = render(train.MAP_TEMPLATE, read_csv(data)[1])
+    return embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=cache, progress=False,
+                             log=lambda *_: None)[None]

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,21 +19,7 @@ import embed_cache
 import evaluate
 import train
 from data import read_csv, render
-from test_pipeline import write_csv
-
-ROOT = Path(__file__).parent.parent
-PINNED_KW = dict(device="cpu", dtype="float32")  # exact comparisons, on any machine
-PINNED = ["--device", "cpu", "--dtype", "float32"]
-
-
-def cli_error(script, argv):
-    """Run a script's command line in-process; return its one-line error (and check it is one)."""
-    with pytest.raises(SystemExit) as e:
-        script.cli(script.main, script.parse_args, argv)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
-    return message
-
+from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, embedded, write_csv
 
 @pytest.fixture()
 def run(tmp_path, tiny):
@@ -76,6 +61,7 @@ def test_bad_csv_files(tmp_path, run, content, message):
     ("--dim", "65", "--dim must be between 1 and the model's hidden size 64"),
     ("--max-length", "1", "--max-length must be at least 2"),
     ("--device", "tpu", "unknown device 'tpu'"),
+    ("--max-memory", "0", "--max-memory must be positive, got 0"),
     ("--dtype", "float16", "float16 is not supported"),
     ("--folds", "1", "--folds must be 0"),
     ("--cache-chunk", "0", "--cache-chunk must be positive, got 0"),
@@ -142,17 +128,6 @@ def test_broken_head_checkpoint_and_unseen_labels(tmp_path, run, capsys):
 
 
 # ----------------------------------------------------------------------------- nothing lost
-
-def embedded(log):
-    """(cached, computed) from embed_cache's log line."""
-    m = re.search(r"(\d+) cached, computing (\d+)", log)
-    return (int(m[1]), int(m[2])) if m else None
-
-
-def cached_keys(cache):
-    """The distinct text keys in a cache folder's chunk files."""
-    return {bytes(k) for f in cache.glob("*/chunk-*.safetensors") for k in load_file(f)["keys"].numpy()}
-
 
 def start_and_stop(argv, cache, sig, min_chunks):
     """Start train.py, send sig once min_chunks cache chunks exist; return its stderr and exit code."""

@@ -11,7 +11,7 @@ import train
 from data import add_answer_is_correct, map_correct_answers
 from mlp_head import load_checkpoint, predict_proba
 from qwen_embed import Qwen3Embedder
-from test_pipeline import count_forward_passes, write_csv
+from helpers import count_forward_passes, write_csv
 
 
 @pytest.fixture()
@@ -21,7 +21,7 @@ def base(tmp_path, tiny):
             "--hidden", "16", "8", "--quiet", "--device", "cpu", "--dtype", "float32"]  # exact comparisons below
 
 
-def test_layer_sweep_one_row_per_layer_one_pass_per_pooling(base, tiny, monkeypatch):
+def test_layer_sweep_one_row_per_layer_one_pass_for_all(base, tiny, monkeypatch):
     calls = count_forward_passes(monkeypatch)
     logs = []
     res = train.main(train.parse_args(base + ["--layer-sweep", "--compare-pooling", "--max-batch-tokens", "100000"]),
@@ -29,7 +29,7 @@ def test_layer_sweep_one_row_per_layer_one_pass_per_pooling(base, tiny, monkeypa
     n_layers = 3
     assert [(r[0], r[1]) for r in res["table"]] == \
         [(p, name) for p in ("last", "mean") for name in ["final (normed)"] + [str(i) for i in range(n_layers + 1)]]
-    assert len(calls) == 2  # 48 texts in one batch: one forward pass per pooling, every layer pooled
+    assert len(calls) == 1  # 48 texts in one batch: one forward pass, both poolings of every layer
     assert all(0 <= float(r[2]) <= 1 for r in res["table"])
     # The per-layer vectors are cached under their own keys: the plain run and a --layer run are free.
     calls.clear()
@@ -93,7 +93,7 @@ def test_map_correct_answers_hand_worked():
     assert [r["AnswerIsCorrect"] for r in rows] == ["yes", "yes", "no", "no", "no", "yes", "no"]
 
 
-def test_map_correct_flag_reaches_evaluation(tmp_path, base):
+def test_map_correct_flag_reaches_evaluation(tmp_path, base, monkeypatch):
     train.main(train.parse_args(base + ["--map-correct", "--out", str(tmp_path / "mc")]), log=lambda *_: None)
     _, meta = load_checkpoint(tmp_path / "mc")
     assert meta["embedding"]["text_template"].endswith("{AnswerIsCorrect}")
@@ -102,3 +102,15 @@ def test_map_correct_flag_reaches_evaluation(tmp_path, base):
     out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "mc"), "--data", str(test),
                                              "--cache-dir", base[5], "--quiet", "--device", "cpu"]))
     assert len(out["predictions"]) == 10
+    # Hand-made test rows: the answer training saw as correct for question 100, another answer to
+    # it, and a question training never saw. No Category column: the test set has no labels.
+    hand = tmp_path / "hand.csv"
+    hand.write_text("row_id,QuestionId,QuestionText,MC_Answer,StudentExplanation\n"
+                    "a,100,Q,\\( \\frac{1}{3} \\),because\nb,100,Q,7,because\nc,999,Q,\\( \\frac{1}{3} \\),because\n")
+    embedded = []
+    original = embed_cache.ensure_cached
+    monkeypatch.setattr(embed_cache, "ensure_cached", lambda texts, *a, **k: embedded.extend(texts) or original(texts, *a, **k))
+    evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "mc"), "--data", str(hand),
+                                       "--cache-dir", base[5], "--quiet", "--device", "cpu"]))
+    assert meta["embedding"]["correct_answers"]["100"] == r"\( \frac{1}{3} \)"
+    assert [t.rsplit("? ", 1)[1] for t in embedded] == ["yes", "no", "no"]
