@@ -106,29 +106,6 @@ def apply_rope(x, cos, sin):  # x: (N, heads, head_dim); cos, sin: (N, head_dim)
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class Packing:
-    """Where each text sits among the N concatenated tokens. lengths: (B,) tokens per text, on the
-    host; text b owns tokens cu[b] : cu[b + 1]. Computed on the host from the lengths and copied to
-    the model's device once, so the device never waits for the host to read a length back."""
-
-    def __init__(self, lengths, device, varlen=False):
-        lengths = torch.as_tensor(lengths, dtype=torch.long, device="cpu")
-        self.B, self.max_len, self.varlen = len(lengths), int(lengths.max()), varlen
-        cu = F.pad(lengths.cumsum(0), (1, 0))                             # (B+1,) start offsets, then N
-        seq = torch.repeat_interleave(torch.arange(self.B), lengths)      # (N,) which text
-        positions = torch.arange(int(cu[-1])) - cu[seq]                   # (N,) restart at 0 per text
-        slot = seq * self.max_len + positions  # each token's place in a right-padded (B, max_len) grid
-        self.positions, self.slot, self.cu = (t.to(device) for t in (positions, slot, cu.to(torch.int32)))
-
-    def to_grid(self, t):  # (N, h, d) -> (B, h, T, d), zeros after each text
-        grid = t.new_zeros(self.B * self.max_len, *t.shape[1:])
-        grid[self.slot] = t
-        return grid.view(self.B, self.max_len, *t.shape[1:]).transpose(1, 2)
-
-    def from_grid(self, grid):  # (B, h, T, d) -> (N, h, d), the real tokens only
-        return grid.transpose(1, 2).reshape(self.B * self.max_len, grid.shape[1], grid.shape[3])[self.slot]
-
-
 class Attention(nn.Module):
     def __init__(self, c: Qwen3Config):
         super().__init__()
@@ -158,6 +135,29 @@ class Attention(nn.Module):
                                                  enable_gqa=True)  # (B, n_head, T, head_dim)
             out = pack.from_grid(out)  # (N, n_head, head_dim)
         return self.o_proj(out.reshape(N, -1))
+
+
+class Packing:
+    """Where each text sits among the N concatenated tokens. lengths: (B,) tokens per text, on the
+    host; text b owns tokens cu[b] : cu[b + 1]. Computed on the host from the lengths and copied to
+    the model's device once, so the device never waits for the host to read a length back."""
+
+    def __init__(self, lengths, device, varlen=False):
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device="cpu")
+        self.B, self.max_len, self.varlen = len(lengths), int(lengths.max()), varlen
+        cu = F.pad(lengths.cumsum(0), (1, 0))                             # (B+1,) start offsets, then N
+        seq = torch.repeat_interleave(torch.arange(self.B), lengths)      # (N,) which text
+        positions = torch.arange(int(cu[-1])) - cu[seq]                   # (N,) restart at 0 per text
+        slot = seq * self.max_len + positions  # each token's place in a right-padded (B, max_len) grid
+        self.positions, self.slot, self.cu = (t.to(device) for t in (positions, slot, cu.to(torch.int32)))
+
+    def to_grid(self, t):  # (N, h, d) -> (B, h, T, d), zeros after each text
+        grid = t.new_zeros(self.B * self.max_len, *t.shape[1:])
+        grid[self.slot] = t
+        return grid.view(self.B, self.max_len, *t.shape[1:]).transpose(1, 2)
+
+    def from_grid(self, grid):  # (B, h, T, d) -> (N, h, d), the real tokens only
+        return grid.transpose(1, 2).reshape(self.B * self.max_len, grid.shape[1], grid.shape[3])[self.slot]
 
 
 class MLP(nn.Module):
