@@ -135,7 +135,8 @@ class Cache:
             hits = {j: want.pop(k) for j, k in enumerate(self.read(file, dim) or ()) if k in want}
             self.read_rows(file, hits, out)
         if want:
-            raise RuntimeError(f"{self.dir}: {len(want)} vectors vanished from the cache while reading; run again")
+            raise FileNotFoundError(f"{self.dir}: {len(want)} vectors vanished from the cache while reading "
+                                    f"(another run deleting its files?); run again")
         return out
 
     def read_rows(self, file, hits, out, rows_per_read=4096):
@@ -148,7 +149,8 @@ class Cache:
                     block = vectors[start:min(b, start + rows_per_read)]
                     if not torch.isfinite(block).all():
                         self.corrupt(file, " (NaN or Inf)")
-                        raise RuntimeError(f"{file}: NaN or Inf in a cache chunk; deleted, run again to recompute")
+                        raise FloatingPointError(f"{file}: NaN or Inf in a cache chunk; deleted, run again to "
+                                                 f"recompute its texts")
                     src = [j - start for j in range(start, start + len(block)) for _ in hits[j]]
                     dst = [i for j in range(start, start + len(block)) for i in hits[j]]
                     out[dst] = block[src]

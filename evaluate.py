@@ -11,7 +11,6 @@ import argparse
 import csv
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 import embed_cache

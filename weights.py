@@ -85,12 +85,13 @@ def read_stored(f, key, fmt, dtype, device, file, offset):
     """One tensor of an open safetensors file, in its stored form: (tensor, int8 scales or None).
     Vectors (the norms' weights) are always in the compute dtype: they are tiny. file, offset:
     where the tensor's bytes start, for int8, which reads a block of rows at a time."""
-    shape = f.get_slice(key).get_shape()
+    sliced = f.get_slice(key)
+    shape = sliced.get_shape()
     if len(shape) != 2 or fmt != "int8":
         t = f.get_tensor(key)  # memory-mapped: the same dtype on the CPU stays a view of the file
         t = t.to(device=device, dtype=dtype if len(shape) != 2 else stored_dtype(t.dtype, dtype))
         return t, None
-    source = SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()]
+    source = SAFETENSORS_DTYPES[sliced.get_dtype()]
     q = torch.empty(shape, dtype=torch.int8, device=device)
     scale = torch.empty(shape[0], dtype=torch.float32, device=device)
     for start in range(0, shape[0], ROWS_PER_READ):  # a block of rows at a time: no full-precision copy

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 import embed_cache
 import train
 from data import read_csv, render
-from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, embedded, write_csv
+from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, write_csv
 from qwen_embed import Qwen3Model
 
 NUMBERED_TEXTS = [f"text number {i} " + "word " * (i % 17) for i in range(30)]

@@ -43,8 +43,8 @@ def test_layer_sweep_one_pass_and_one_layer_in_memory_at_a_time(base, monkeypatc
     calls = count_forward_passes(monkeypatch)
     alive = track_loads(monkeypatch)
     logs = []
-    res = train.main(train.parse_args(base + ["--layer-sweep", "--compare-pooling", "--max-batch-tokens", "100000"]),
-                     log=logs.append)
+    train.main(train.parse_args(base + ["--layer-sweep", "--compare-pooling", "--max-batch-tokens", "100000"]),
+               log=logs.append)
     assert len(calls) == 1  # 48 texts in one batch: ONE forward pass for both poolings and all 5 layers
     assert len(alive) == 2 * 5 and max(alive) <= 1  # never more than two layers' vectors alive
     size = next(line for line in logs if line.startswith("cache: "))

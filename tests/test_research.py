@@ -9,7 +9,7 @@ import embed_cache
 import evaluate
 import train
 from data import add_answer_is_correct, map_correct_answers
-from mlp_head import load_checkpoint, predict_proba
+from mlp_head import load_checkpoint
 from qwen_embed import Qwen3Embedder
 from helpers import count_forward_passes, write_csv
 
