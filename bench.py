@@ -141,7 +141,7 @@ def measure_loading(folder, device, dtype, quantize, size):
 
 def time_ours(args, folder, texts, device, dtype):
     """Ours at default settings (no batch arguments; compile by job size), first call and warm, then
-    int8 weights, other token budgets and compile settings: how far the default is from the best."""
+    int8 and int4 weights, other token budgets and compile settings: how far the default is from the best."""
     ours = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, quantize=args.quantize,
                                          max_memory=args.max_memory, log=print)
     encode = lambda **kw: ours.encode(texts, max_length=args.max_length, progress=False, **kw)
@@ -151,7 +151,7 @@ def time_ours(args, folder, texts, device, dtype):
           f"{ours.compiled}, weights {ours.weight_format}; first call {first['seconds']:.1f}s, warm "
           f"{runs[0]['seconds']:.1f}s")
     del ours
-    variants = [(q, c) for q in ("none", "int8") for c in ((False,) if args.no_compiled_variants else (False, True))]
+    variants = [(q, c) for q in ("none", "int8", "int4") for c in ((False,) if args.no_compiled_variants else (False, True))]
     for quantize, compiled in variants:
         model = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=compiled, quantize=quantize)
         budgets = args.budgets or ([1024, 2048, 4096, 8192] if device.type == "cpu" else [8192, 16384, 32768, 65536])
@@ -212,10 +212,14 @@ def print_runs(runs, texts, real, flops, peak):
               f"{r['seconds'] / base['seconds']:10.2f}x")
     ours = {r["name"]: r["seconds"] for r in runs if r["name"].startswith("ours")}
     print(f"\nours at defaults: {min(ours.values()) / base['seconds']:.0%} of the speed of our best setting above")
+    vectors = {r["name"]: r["vectors"] for r in runs}
     for name, seconds in ours.items():
-        if name.startswith("ours int8 ") and name.replace(" int8", "") in ours:
-            print(f"int8 weights: {ours[name.replace(' int8', '')] / seconds:.2f}x the speed of the weights as "
-                  f"shipped ({name.removeprefix('ours int8 ')})")
+        fmt = next((f for f in ("int8", "int4") if name.startswith(f"ours {f} ")), None)
+        shipped = name.replace(f" {fmt}", "")
+        if fmt and shipped in ours:
+            cos = F.cosine_similarity(vectors[name], vectors[shipped], dim=-1)
+            print(f"{fmt} weights: {ours[shipped] / seconds:.2f}x the speed of the weights as shipped "
+                  f"({name.removeprefix(f'ours {fmt} ')}); cosine to them min {cos.min():.5f}, mean {cos.mean():.5f}")
 
 
 def main(args):
@@ -226,7 +230,7 @@ def main(args):
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
         size = write_checkpoint(args, folder, shape)
-        for quantize in ("none", "int8"):
+        for quantize in ("none", "int8", "int4"):
             measure_loading(folder, device, dtype, quantize, size)
         config = Qwen3Config.from_json(folder / "config.json")
         lengths = [len(ids) for ids in Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
@@ -288,7 +292,7 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default=None, help="compute dtype; None: the device's default")
     p.add_argument("--weights-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="the checkpoint's dtype on disk (every Qwen3 release ships bf16)")
-    p.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto", help="ours at defaults: "
+    p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="auto", help="ours at defaults: "
                    "how the weights are kept (int8 and as shipped are both timed after it)")
     p.add_argument("--max-memory", type=float, default=None, help="memory budget in GB for --quantize auto")
     p.add_argument("--ours-only", action="store_true", help="skip the reference stack")

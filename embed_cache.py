@@ -21,6 +21,7 @@ import atexit
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -39,6 +40,7 @@ from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, TextTooLongEr
 
 MIB = 1 << 20
 COMPACT_AT = 8  # chunk files in one cache folder before they are merged into one
+FIDELITY_WARN = 0.99  # min cosine against as shipped under which a quantized run warns
 PENDING_BYTES = 256 * MIB  # vectors held before a write, at most: with 76 specs of 4096-d, 215 texts
 
 
@@ -155,6 +157,19 @@ class Cache:
                     dst = [i for j in range(start, start + len(block)) for i in hits[j]]
                     out[dst] = block[src]
 
+    def info(self):
+        """spec.json as written: the spec, and what was measured beside it (not hashed: fidelity)."""
+        try:
+            return json.loads((self.dir / "spec.json").read_text())
+        except (OSError, ValueError):
+            return dict(self.spec)
+
+    def note(self, extra):
+        """Add measured figures to spec.json, beside the spec (the hash is the spec's alone)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.dir / "spec.json") as tmp:
+            tmp.write_text(json.dumps({**self.info(), **extra, **self.spec}, indent=2))
+
     def save(self, keys, vectors):
         self.dir.mkdir(parents=True, exist_ok=True)
         spec_file = self.dir / "spec.json"
@@ -248,11 +263,15 @@ def add_flags(p, quantize_default="auto"):
     the device and the job, as in Qwen3Embedder) and the cache; run_options(args) turns them into
     ensure_cached()'s arguments."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ...; None: cuda, else mps, else cpu")
-    p.add_argument("--quantize", choices=["auto", "none", "int8"], default=quantize_default,
-                   help="how the weights are kept: none = as shipped (bf16), int8 = per-channel int8 (half the "
-                   "memory); auto: as shipped if they fit the memory budget, else int8" +
+    p.add_argument("--quantize", choices=["auto", *weights.FORMATS], default=quantize_default,
+                   help="how the weights are kept: none = as shipped (bf16), int8 = group-wise int8 (8.5 bits per "
+                   "weight), int4 = group-wise int4 with the embedding table and v_proj in int8 (about 4.9); auto: "
+                   "the first of none, int8, int4 that fits the memory budget" +
                    ("" if quantize_default else "; None: the checkpoint's"))
-    p.add_argument("--max-memory", type=float, default=None, help="memory budget in GB for --quantize auto; None: "
+    p.add_argument("--fidelity-texts", type=int, default=64, help="with int8 or int4 weights, embed this many of "
+                   "the run's texts with the weights as shipped too (read one layer at a time) and report the cosine "
+                   "between the two; 0: skip")
+    p.add_argument("--max-memory", type=float, default=None, help="memory budget in GB for --quantize; None: "
                    "free memory on the GPU, available RAM on the CPU (shared by torchrun's ranks on a node)")
     p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass, at most; None: no limit "
                    "but the token budget")
@@ -270,7 +289,8 @@ def add_flags(p, quantize_default="auto"):
 def run_options(args, quantize=None):
     return dict(device=args.device, quantize=quantize or args.quantize, max_memory=args.max_memory, batch_size=args.batch_size,
                 max_batch_tokens=args.max_batch_tokens, compile=args.compile, cache_dir=args.cache_dir,
-                chunk_size=args.cache_chunk, chunk_seconds=args.cache_seconds, progress=not args.quiet)
+                chunk_size=args.cache_chunk, chunk_seconds=args.cache_seconds, progress=not args.quiet,
+                fidelity_texts=args.fidelity_texts)
 
 
 def distributed(device):
@@ -316,14 +336,19 @@ def embed(texts, model, *, pooling="last", layers=(None,), **kw):
 def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instruction=None, max_length=8192, dim=None,
                   device=None, dtype=None, quantize="auto", max_memory=None, batch_size=None, max_batch_tokens=None,
                   compile=None, cache_dir=".cache/embeddings", chunk_size=1024, chunk_seconds=15, progress=True,
-                  log=print, ids=None):
+                  fidelity_texts=64, log=print, ids=None):
     """Put every (pooling, layer) vector of every text in the cache, computing the missing ones in
     ONE forward pass, and return {(pooling, layer): Vectors}: handles that read one matrix each.
 
     layers: None = the final normed output, else layer indexes as in Qwen3Embedder.encode.
-    ids: a name per text (row ids) for error messages. Under torchrun every rank embeds a share of
+    ids: a name per text (row ids) for error messages. quantize is decided here, once, for the run
+    (weights.choose_format); with int8 or int4, fidelity_texts of the texts embedded are measured
+    against the weights as shipped (measure_fidelity), and the figures kept in the cache's
+    spec.json. Under torchrun every rank embeds a share of
     the missing texts, balanced by tokens; rank 0 gets the handles, the others None.
     """
+    if fidelity_texts < 0:
+        raise ValueError(f"--fidelity-texts must be 0 (skip) or positive, got {fidelity_texts}")
     for flag, value in (("--cache-chunk", chunk_size), ("--cache-seconds", chunk_seconds),
                         ("--batch-size", batch_size), ("--max-batch-tokens", max_batch_tokens)):
         if value is not None and value <= 0:
@@ -342,7 +367,8 @@ def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instructi
     fmt, why = weights.choose_format(quantize, tensors, config, dtype, budget, runtime.memory_budget(device, max_memory))
     base = {"checkpoint": checkpoint_identity(folder), "model": str(model), "instruction": instruction,
             "max_length": max_length, "dim": dim, "dtype": runtime.dtype_name(dtype)}
-    base.update({"weights": "int8"} if fmt == "int8" else {})  # as shipped keeps the caches of before int8
+    # as shipped keeps the caches of before int8; int8 is named with its group (per-row int8 came before)
+    base.update({"weights": f"{fmt}-g{weights.GROUP}"} if fmt != "none" else {})
     caches = {(p, k): Cache(cache_dir, {**base, "pooling": p, "layer": k}) for p in poolings for k in dict.fromkeys(keys)}
     D = dim or config.hidden_size
     text_key = [bytes(k) for k in text_keys(texts).numpy()]
@@ -357,11 +383,14 @@ def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instructi
         say_size(len(todo), len(texts), caches, D, cache_dir, weights.weight_bytes(tensors, fmt, dtype)
                  + weights.batch_room(config, tensors, dtype, budget), log)
         log(why)
-        embedder = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=compile, quantize=fmt)
-        compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches, D, rank, world,
-                lambda bad: [ids[i] if ids else i for i, t in enumerate(texts) if t in bad], log, progress,
-                instruction=instruction, max_length=max_length, batch_size=batch_size,
-                max_batch_tokens=max_batch_tokens, chunk_size=chunk_size, chunk_seconds=chunk_seconds)
+        embedder = Qwen3Embedder.load(folder, config, device, dtype, fmt, compile, str(model))
+        found = compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches, D, rank, world,
+                        lambda bad: [ids[i] if ids else i for i, t in enumerate(texts) if t in bad], log, progress,
+                        instruction=instruction, max_length=max_length, batch_size=batch_size,
+                        max_batch_tokens=max_batch_tokens, chunk_size=chunk_size, chunk_seconds=chunk_seconds,
+                        fidelity_texts=fidelity_texts * (fmt != "none") * (rank == 0))
+        for cache in caches.values() if found else ():
+            cache.note({"fidelity": found})
         del embedder  # the model's memory is free before anything reads the vectors
     if world > 1:
         dist.barrier()  # all chunks written
@@ -370,6 +399,33 @@ def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instructi
     for cache in caches.values():
         cache.compact(D)
     return {(p, layer): Vectors(caches[p, k], text_key, D) for p in poolings for layer, k in zip(layers, keys)}
+
+
+def fidelity_sample(n_texts, n, seed=0):
+    """The indices of the texts a run measures its quantized vectors on: a seeded sample."""
+    return sorted(random.Random(seed).sample(range(n_texts), min(n, n_texts)))
+
+
+def measure_fidelity(embedder, texts, log, vectors=None, **spec):
+    """Per-text cosine between the quantized embedder's vectors of texts (vectors, if the run has
+    computed them already, else encoded here) and the weights as shipped (Qwen3Embedder.reference),
+    one line saying what it found, a warning below FIDELITY_WARN. spec: instruction, max_length,
+    pooling, layer, dim. Returns {"format", "texts", "min", "mean", "seconds"}."""
+    t0 = time.time()
+    if vectors is None:
+        vectors = embedder.encode(texts, spec.get("instruction"), max_length=spec.get("max_length", 8192),
+                                  dim=spec.get("dim"), pooling=spec.get("pooling", "last"), progress=False,
+                                  layers=[spec.get("layer")])[spec.get("layer")]
+    cos = (vectors * embedder.reference(texts, **spec)).sum(-1)
+    found = {"format": embedder.weight_format, "texts": len(texts), "min": round(cos.min().item(), 5),
+             "mean": round(cos.mean().item(), 5), "seconds": round(time.time() - t0, 1)}
+    log(f"{found['format']} vs as shipped on {found['texts']} of these texts: cosine min {found['min']:.4f}, "
+        f"mean {found['mean']:.4f} (reference read one layer at a time, {found['seconds']:.0f} s)")
+    if found["min"] < FIDELITY_WARN:
+        wider = "int8" if found["format"] == "int4" else "none"
+        log(f"warning: {found['format']} moves some vectors by more than cosine {FIDELITY_WARN}: --quantize {wider} "
+            f"keeps them closer, if memory allows (--max-memory, a larger machine)")
+    return found
 
 
 def layer_keys(config, layers, dim):
@@ -415,19 +471,24 @@ def say_size(n_todo, n_texts, caches, dim, cache_dir, model_bytes, log):
 
 
 def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progress, *, instruction, max_length,
-            batch_size, max_batch_tokens, chunk_size, chunk_seconds):
+            batch_size, max_batch_tokens, chunk_size, chunk_seconds, fidelity_texts=0):
     """Embed texts (this rank's share of them) in one pass for every cache's (pooling, layer),
-    writing chunks as it goes. keys: their text keys; rows_of(texts) names the rows holding them."""
+    writing chunks as it goes. keys: their text keys; rows_of(texts) names the rows holding them.
+    fidelity_texts: measure that many of the vectors just computed against the weights as shipped
+    (measure_fidelity) and return its figures (else None)."""
     tokens = embedder.tokenize(texts, instruction, max_length)  # once: the shares and the batches use it
     mine = balance([len(t) for t in tokens], world)[rank] if world > 1 else list(range(len(texts)))
     writer = ChunkWriter(caches, torch.tensor([list(keys[j]) for j in mine], dtype=torch.uint8).reshape(-1, 32),
                          dim, chunk_size, chunk_seconds)
+    sample, first = fidelity_sample(len(mine), fidelity_texts), next(iter(caches))
+    wanted, kept = set(sample), {}  # the sample's vectors of the first (pooling, layer), as they pass
     t0 = time.time()
     with tqdm(total=len(mine), desc="embedding", unit="text", disable=not progress) as bar:
         try:
             for batch, vectors in embedder.stream([tokens[j] for j in mine], list(caches), dim, True, batch_size,
                                                   max_batch_tokens, log=bar.write):
                 writer.add(batch, vectors)
+                kept.update({i: vectors[first][j] for j, i in enumerate(batch) if i in wanted})
                 bar.update(len(batch))
         except NonFiniteError as e:  # that batch is not cached; name the rows, not positions
             writer.flush()
@@ -446,3 +507,8 @@ def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progr
         dist.all_gather_object(every, (rank, len(mine), sum(len(tokens[j]) for j in mine), time.time() - t0))
         for r, n_texts, n_tokens, seconds in every:
             log(f"rank {r}: {n_texts} texts, {n_tokens} tokens, {seconds:.1f}s")
+    if sample:
+        return measure_fidelity(embedder, [texts[mine[i]] for i in sample], log, torch.stack([kept[i] for i in sample]),
+                                instruction=instruction, max_length=max_length, pooling=first[0], layer=first[1],
+                                dim=dim if dim != embedder.dim else None)
+    return None

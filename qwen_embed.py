@@ -244,35 +244,71 @@ def checkpoint_tensors(folder):
     return out
 
 
-def load_weights(model, folder, device, dtype, fmt="none"):
+def load_weights(model, folder, device, dtype, fmt="none", prefix=""):
     """Fill a meta-built model from the safetensors, one tensor at a time, each straight into its
-    stored form (weights.py: as shipped or int8) on device: never a second copy of the model."""
+    stored form (weights.py: as shipped, int8 or int4) on device: never a second copy of the model.
+    prefix: load only the tensors under it (e.g. "layers.3." into one Block)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = {}
+    stored = {}  # {our key: {"weight": tensor, and its format's scales}}
     for file in weight_files(Path(folder)):
         try:
             offsets = weights.read_header(file, offsets=True)
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
                     ours = our_key(key)
-                    if ours is None:
+                    if ours is None or not ours.startswith(prefix):
                         continue
+                    ours = ours.removeprefix(prefix)
                     shape = tuple(f.get_slice(key).get_shape())
                     if ours in expected and shape != tuple(expected[ours]):
                         raise ValueError(f"{file}: {key} has shape {shape}, config.json implies {tuple(expected[ours])}")
-                    state[ours], scale = weights.read_stored(f, key, fmt, dtype, device, file, offsets[key])
-                    if scale is not None:
-                        state[ours.removesuffix("weight") + "scale"] = scale
+                    stored[ours] = weights.read_stored(f, key, fmt, dtype, device, file, offsets[key])
         except SafetensorError as e:
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-    loaded = {k for k in state if not k.endswith(".scale")}
-    missing, unexpected = sorted(expected.keys() - loaded), sorted(loaded - expected.keys())
+    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"{folder}: checkpoint does not fit config.json: "
                          f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), "
                          f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    weights.apply_format(model, state, dtype)
+    weights.apply_format(model, stored, dtype)
+    state = {key.removesuffix("weight") + name: t for key, tensors in stored.items() for name, t in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
+
+
+@torch.inference_mode()
+def streamed_states(folder, config, ids, device, dtype, layer=None, max_tokens=2048):
+    """The hidden states of tokenized texts with the weights as shipped, read from the checkpoint one
+    block at a time (a block in memory, then dropped): the reference a quantized model is measured
+    against, wherever the quantized model itself fits. ids: token ids per text; layer: as in
+    Qwen3Model (None: the final normed output, else the residual stream after that many blocks).
+    Returns (N, hidden), the texts' tokens concatenated. Every text passes a block before the next
+    block is read, in runs of consecutive texts of at most max_tokens tokens."""
+    embed = next(((file, key) for file in weight_files(Path(folder)) for key in weights.read_header(file)
+                  if our_key(key) == "embed_tokens.weight"), None)
+    if embed is None:
+        raise ValueError(f"{folder}: no embed_tokens.weight in the checkpoint")
+    file, key = embed
+    (shape, source), offset = weights.read_header(file)[key], weights.read_header(file, offsets=True)[key]
+    runs = []  # [ids, pack, cos, sin, hidden states] of each run of texts
+    for chunk in plan_batches([len(i) for i in ids], max_tokens, ordered=True):
+        flat = [t for i in chunk for t in ids[i]]
+        x = weights.read_lookup(file, offset, shape, source, flat).to(device, dtype)  # the rows looked up
+        pack = Packing([len(ids[i]) for i in chunk], device)
+        runs.append([pack, *rope(pack.positions, config.head_dim, config.rope_theta, dtype), x])
+    for i in range(config.num_hidden_layers if layer is None else layer):
+        with torch.device("meta"):
+            block = Block(config)
+        load_weights(block, folder, device, dtype, "none", prefix=f"layers.{i}.")
+        for run in runs:
+            run[3] = block(run[3], run[1], run[2], run[0])
+        del block
+    x = torch.cat([run[3] for run in runs])
+    if layer is not None:
+        return x
+    with torch.device("meta"):
+        norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    load_weights(norm, folder, device, dtype, "none", prefix="norm.")
+    return norm(x)
 
 
 def load_tokenizer(folder):
@@ -285,11 +321,12 @@ def load_tokenizer(folder):
     return tokenizer
 
 
-def plan_batches(lengths, max_tokens, max_texts=None):
+def plan_batches(lengths, max_tokens, max_texts=None, ordered=False):
     """Cut texts into batches, shortest first: lists of indices into lengths, each batch at most
     max_texts texts and max_tokens tokens (a text longer than max_tokens gets a batch of its own).
-    Sorting keeps padding in attention small; packing removes it from everything else."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    Sorting keeps padding in attention small; packing removes it from everything else.
+    ordered: in the texts' order instead, consecutive texts per batch."""
+    order = sorted(range(len(lengths)), key=lambda i: 0 if ordered else lengths[i])
     batches, tokens = [], 0
     for i in order:
         if not batches or tokens + lengths[i] > max_tokens or len(batches[-1]) == (max_texts or len(order) + 1):
@@ -320,9 +357,9 @@ class TextTooLongError(MemoryError):
 
 
 class Qwen3Embedder:
-    def __init__(self, model, tokenizer, device, dtype, name="", compile=None, weight_format="none"):
+    def __init__(self, model, tokenizer, device, dtype, name="", compile=None, weight_format="none", folder=None):
         self.model, self.tokenizer, self.device, self.dtype, self.name = model, tokenizer, device, dtype, name
-        self.compile, self.compiled, self.weight_format = compile, False, weight_format
+        self.compile, self.compiled, self.weight_format, self.folder = compile, False, weight_format, folder
         self.model.varlen = runtime.varlen_usable(device, dtype)
         self.oom_budget = None  # tokens per batch, once a batch has run out of device memory
         self.eos_id = tokenizer.token_to_id(EOS)
@@ -333,23 +370,30 @@ class Qwen3Embedder:
     def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None, compile=None, quantize="auto",
                         max_memory=None, log=None):
         """compile: True, False (the eager reference path), or None: when a job is big enough to
-        repay it (maybe_compile). quantize: "none" (weights as shipped), "int8", or "auto": as
-        shipped if they fit the memory budget with room for a batch, else int8 (weights.choose_format);
-        max_memory: that budget in GB (None: what the device has free). log: where the one line on
-        the chosen format goes."""
+        repay it (maybe_compile). quantize: "none" (weights as shipped), "int8", "int4", or
+        "auto": the first of these that fits the memory budget with room for a batch
+        (weights.choose_format, the one decision); max_memory: that budget in GB (None: what the
+        device has free). log: where the one line on the chosen format goes."""
         device, dtype = runtime.pick_device_dtype(device, dtype)
         folder = runtime.resolve_model_dir(name_or_path, revision)
         config = Qwen3Config.from_json(folder / "config.json")
-        tokenizer = load_tokenizer(folder)
         fmt, why = weights.choose_format(quantize, checkpoint_tensors(folder), config, dtype,
                                          runtime.room_batch_tokens(config, device, dtype),
                                          runtime.memory_budget(device, max_memory))
         (log or (lambda *_: None))(why)
+        return cls.load(folder, config, device, dtype, fmt, compile, str(name_or_path))
+
+    @classmethod
+    def load(cls, folder, config, device, dtype, fmt, compile=None, name=None):
+        """The embedder of a local checkpoint folder, with its weight format already decided (by
+        from_pretrained, or by a caller that decided it once for the whole run): nothing is
+        decided again here."""
+        tokenizer = load_tokenizer(folder)
         with torch.device("meta"):  # shapes only: no memory, no random init
             model = Qwen3Model(config)
         with runtime.compact_heap():
             load_weights(model, folder, device, dtype, fmt)
-        return cls(model.eval(), tokenizer, device, dtype, str(name_or_path), compile, fmt)
+        return cls(model.eval(), tokenizer, device, dtype, name or str(folder), compile, fmt, folder)
 
     @property
     def dim(self):
@@ -397,6 +441,23 @@ class Qwen3Embedder:
                     out[key][batch] = vectors[key]
                 bar.update(len(batch))
         return out[keys[0]] if layers is None else {layer: out[key] for layer, key in zip(layers, keys)}
+
+    def reference(self, texts, instruction=None, max_length=8192, pooling="last", layer=None, dim=None):
+        """What encode would return with the weights as shipped (L2-normed), computed with them
+        streamed from the checkpoint one block at a time (streamed_states), in this model's compute
+        dtype: the yardstick of a quantized model, at the memory of one block more."""
+        ids = self.tokenize(texts, instruction, max_length)
+        key = self.layer_keys([layer])[0]
+        h = streamed_states(self.folder, self.model.config, ids, self.device, self.dtype, key,
+                            runtime.default_batch_tokens(self.model.config, self.device, self.dtype))
+        return self.pool(h, torch.tensor([len(i) for i in ids]), pooling, dim, True).cpu()
+
+    def fidelity(self, texts, instruction=None, max_length=8192, pooling="last", layer=None):
+        """Per-text cosine between this model's vectors and the weights as shipped' (reference):
+        what quantization costs on these texts. A (len(texts),) float32 tensor; ones as shipped."""
+        ours = self.encode(texts, instruction, max_length=max_length, pooling=pooling, progress=False,
+                           layers=[layer])[layer]
+        return (ours * self.reference(texts, instruction, max_length, pooling, layer)).sum(-1)
 
     def layer_keys(self, layers):
         """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers."""

@@ -129,9 +129,15 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, log=silent, tag=""):
 def train_lora(args, texts, y, tr, va, labels, log=print):
     """--lora-rank R: adapters on the frozen Qwen3 (lora.py) and the head, trained together in
     train_loop on the pooled EOS state: each step runs the model on a batch of texts, with
-    gradients, instead of reading cached vectors. Returns (head, best, adapter tensors, embedder)."""
+    gradients, instead of reading cached vectors. Returns (head, best, adapter tensors, embedder,
+    fidelity: measure_fidelity's figures on a quantized base, else None)."""
     embedder = Qwen3Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=False,
                                              quantize=args.quantize, max_memory=args.max_memory, log=log)
+    fidelity = None
+    if embedder.weight_format != "none" and args.fidelity_texts:
+        sample = [texts[i] for i in embed_cache.fidelity_sample(len(texts), args.fidelity_texts)]
+        fidelity = embed_cache.measure_fidelity(embedder, sample, log, instruction=args.instruction,
+                                                max_length=args.max_length, pooling=args.pooling, dim=args.dim)
     model, head_device = embedder.model, pick_device(args.head_device or embedder.device)
     torch.manual_seed(args.seed)  # same seed: same adapters, head, batches, dropout
     lora = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), args.lora_layers)
@@ -166,7 +172,7 @@ def train_lora(args, texts, y, tr, va, labels, log=print):
     best = train_loop(head, [group, adapters], len(tr), batch_loss, validate, snapshot, args, log)
     state = best.pop("state")
     head.load_state_dict(state["head"])
-    return head.cpu().eval(), best, {k: v.cpu() for k, v in state["lora"].items()}, embedder
+    return head.cpu().eval(), best, {k: v.cpu() for k, v in state["lora"].items()}, embedder, fidelity
 
 
 # ----------------------------------------------------------------------------- runs
@@ -392,7 +398,7 @@ def main(args, log=print):
         return layer_sweep(args, data, labels, y, tr, va, log, results)
     if args.lora_rank:  # fine-tuning: no cached vectors, they change as the adapters learn
         with interrupted(lambda: "while fine-tuning"):
-            head, best, lora, embedder = train_lora(args, data["texts"], y, tr, va, labels, log)
+            head, best, lora, embedder, fidelity = train_lora(args, data["texts"], y, tr, va, labels, log)
         fitted = {"heads": [head], "val_idx": va, "val_probs": best["probs"], "lora": lora,
                   "results": {**best_results(best), "lora_trainable_params": sum(t.numel() for t in lora.values())}}
         dtype, weight_format = embedder.dtype, embedder.weight_format
@@ -403,14 +409,15 @@ def main(args, log=print):
         vectors = stored[args.pooling, args.layer]
         fit = fit_sweep if args.sweep else fit_folds if args.folds else fit_one
         fitted = fit(args, vectors.load(), y, truth, labels, tr, va, groups, log)
-        dtype, weight_format = vectors.cache.spec["dtype"], vectors.cache.spec.get("weights", "none")
+        spec = vectors.cache.info()  # the spec, and the fidelity measured when its vectors were computed
+        dtype, weight_format, fidelity = spec["dtype"], spec.get("weights", "none").split("-g")[0], spec.get("fidelity")
     results.update(fitted["results"])
     if args.out:
         embedding = {"model": args.model, "instruction": args.instruction, "max_length": args.max_length,
                      "pooling": args.pooling, "dim": args.dim, "layer": args.layer,
                      "dtype": dtype if isinstance(dtype, str) else dtype_name(dtype), "weights": weight_format,
                      "text_template": data["template"], "label_cols": args.label_cols.split(","),
-                     "id_col": args.id_col, "correct_answers": data["correct_answers"]}
+                     "id_col": args.id_col, "correct_answers": data["correct_answers"], "fidelity": fidelity}
         save_run(args, data, labels, fitted, results, embedding, log)
     return results
 

@@ -6,13 +6,19 @@ pass reads the same with or without them.
                 that is narrower. Where compute is wider (float32 on a CPU without native bf16),
                 each layer converts its weight inside the forward, one layer at a time: bf16 ->
                 fp32 is exact, so the vectors equal a float32 copy's, at half its memory.
-    int8        symmetric, per output channel (per row of the embedding table), float32 scales:
-                w ~ q * scale, |w - q * scale| <= scale / 2. Quantized while loading, a block of
-                rows at a time from the memory-mapped safetensors, never a full-precision copy.
-                Dequantized before the matmul, in float32, then cast to the compute dtype.
+    int8        symmetric, a float16 scale per group of GROUP = 32 consecutive weights of a row
+                (llama.cpp's Q8_0): w ~ q * scale, q in -127..127. 8.5 bits per weight.
+    int4        asymmetric, per group of 32: w ~ q * scale - offset, q in 0..15 (all 16 levels,
+                two per byte). scale and offset are themselves stored as 8-bit codes of a float32
+                step per row (as llama.cpp's K-quants keep 6-bit codes per block): 4.5 bits per
+                weight. The embedding table and every v_proj stay in int8 (MIXED_8BIT): measured
+                the most sensitive (README, "Quantized weights"); 4.9 bits per weight for the 8B.
 
-choose_format() decides between them before any weight is read, from the safetensors headers and
-the memory budget (runtime.memory_budget).
+Both are quantized while loading, a block of rows at a time from the safetensors file (never a
+full-precision copy), and dequantized right before each matmul, in the compute dtype: a large
+batch is fastest as dequantize-then-matmul. Round to nearest: every weight is within half a step
+of its group's grid (tests/test_weights.py). choose_format() decides the format once per run,
+before any weight is read, from the safetensors headers and the memory budget.
 """
 
 import json
@@ -25,55 +31,122 @@ from torch import nn
 
 from runtime import GB, activation_bytes, dtype_name
 
-ROWS_PER_READ = 4096  # int8: rows read, converted and quantized at once (the 8B's table: 16 MiB of bf16)
+GROUP = 32  # weights per scale: llama.cpp's block size; 128 and 64 measured worse (README)
+FORMATS = ("none", "int8", "int4")
+MIXED_8BIT = ("embed_tokens.weight", "v_proj.weight")  # int4's exceptions, kept in int8
+ROWS_PER_READ = 4096  # rows read, converted and quantized at once (the 8B's table: 16 MiB of bf16)
 RUNTIME_BYTES = int(0.5 * GB)  # torch, the tokenizer and Python itself, measured at about 0.4 GB RSS
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
 
 
+# ----------------------------------------------------------------------------- the quantizer
+
+def groups(w):  # (out, in) -> (out, in / GROUP, GROUP) float32
+    if w.shape[-1] % GROUP:
+        raise ValueError(f"int8/int4 need input sizes divisible by {GROUP}, got a weight of shape {tuple(w.shape)}")
+    return w.float().view(w.shape[0], -1, GROUP)
+
+
 def quantize_int8(w):
-    """(out, in) float -> (int8 (out, in), float32 (out,)): each row scaled so its largest |w| is 127."""
-    w = w.float()
-    scale = w.abs().amax(dim=1) / 127
-    q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
-    return q.to(torch.int8), scale
+    """(out, in) -> q int8 (out, in), scale float16 (out, in / GROUP): each group's largest |w| is 127."""
+    g = groups(w)
+    scale = (g.abs().amax(-1) / 127).half()
+    q = torch.round(g / scale.float().clamp_min(1e-30)[..., None]).clamp_(-127, 127)
+    return {"weight": q.to(torch.int8).view(w.shape), "scale": scale}
 
 
-def dequantize(q, scale):
-    return q * scale[:, None]  # int8 * float32 promotes to float32 in one pass over the weight
+def quantize_int4(w):
+    """(out, in) -> weight uint8 (out, in / 2): two 4-bit q per byte, the even column in the low
+    nibble; codes uint8 (out, in / GROUP, 2) and steps float32 (out, 2): each group's scale and
+    offset are codes * steps. A group's grid, -offset + scale * (0..15), covers [lo, hi] (0
+    included, so a zero stays zero): the codes are rounded up, never inward, so every weight is
+    within half a step of the grid."""
+    g = groups(w)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)      # (out, in / GROUP)
+    steps = torch.empty(w.shape[0], 2, device=w.device)
+    steps[:, 1] = (-lo).amax(1) / 255                               # an 8-bit code per group covers the row
+    offset_code = torch.ceil(-lo / steps[:, 1:].clamp_min(1e-30)).clamp_(max=255)  # (255.00001 -> 255)
+    offset = offset_code * steps[:, 1:]                             # >= -lo
+    wanted = (hi + offset) / 15                                     # 15 steps from -offset reach hi
+    steps[:, 0] = wanted.amax(1) / 255
+    scale_code = torch.ceil(wanted / steps[:, :1].clamp_min(1e-30)).clamp_(1, 255)
+    scale = scale_code * steps[:, :1]
+    q = torch.round((g + offset[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).view(w.shape[0], -1)
+    codes = torch.stack((scale_code, offset_code), -1).to(torch.uint8)
+    return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "codes": codes, "steps": steps}
+
+
+def dequantize(t, dtype):
+    """The stored tensors of one weight (or of some of its rows) -> (rows, in) in dtype."""
+    q = t["weight"]
+    if "scale" in t:  # int8
+        return (q.view(q.shape[0], -1, GROUP).to(dtype) * t["scale"].to(dtype)[..., None]).view(q.shape)
+    if "codes" in t:  # int4: unpack the nibbles, then q * scale - offset, in place
+        q = torch.stack((q & 15, q >> 4), -1).view(q.shape[0], -1, GROUP)
+        scale, offset = (t["codes"].to(dtype) * t["steps"].to(dtype)[:, None]).unbind(-1)
+        return q.to(dtype).mul_(scale[..., None]).sub_(offset[..., None]).view(q.shape[0], -1)
+    return q.to(dtype)  # as shipped
+
+
+def bits_of(key, fmt):
+    """8, 4, or None (as shipped) for a 2-D weight of our key under a format."""
+    if fmt == "none":
+        return None
+    return 8 if fmt == "int8" or key.endswith(MIXED_8BIT) else 4
+
+
+# ----------------------------------------------------------------------------- stored layers
+
+class Dequantize(torch.autograd.Function):
+    """x @ W.T for a frozen stored weight that keeps nothing for the backward pass: the gradient
+    of the input, grad @ W, converts W again there. Plain F.linear would save its converted copy
+    of W (a full-precision weight per layer, alive until backward), which is what LoRA on a
+    quantized base (QLoRA) is meant to avoid."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.full_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.full_weight(grad.dtype), None
 
 
 class StoredLinear(nn.Module):
-    """A frozen nn.Linear (no bias) whose weight is stored in int8 (with scale) or as shipped, and
+    """A frozen nn.Linear (no bias) whose weight is stored in int8, int4 or as shipped, and
     converted to the input's dtype right before the matmul."""
 
-    def __init__(self, weight, scale=None):
+    def __init__(self, stored, in_features):  # stored: {"weight": ..., and the format's scales}
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)
-        self.register_buffer("scale", scale)  # None: as shipped
+        self.out_features, self.in_features = stored["weight"].shape[0], in_features
+        for name, t in stored.items():
+            self.register_buffer(name, t)
+
+    def stored(self):
+        return dict(self.named_buffers())
 
     def full_weight(self, dtype):
-        return (self.weight if self.scale is None else dequantize(self.weight, self.scale)).to(dtype)
+        return dequantize(self.stored(), dtype)
 
     def forward(self, x):  # (N, in) -> (N, out)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return Dequantize.apply(x, self)
         return F.linear(x, self.full_weight(x.dtype))
 
 
 class StoredEmbedding(nn.Module):
     """nn.Embedding with a stored table: only the rows looked up are converted to dtype."""
 
-    def __init__(self, weight, scale, dtype):
+    def __init__(self, stored, dtype):
         super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("scale", scale)
+        for name, t in stored.items():
+            self.register_buffer(name, t)
         self.dtype = dtype  # the compute dtype: ids carry none
 
     def forward(self, ids):  # (N,) -> (N, hidden)
-        rows = F.embedding(ids, self.weight)
-        if self.scale is not None:
-            rows = rows * self.scale[ids, None]
-        return rows.to(self.dtype)
+        return dequantize({name: t[ids] for name, t in self.named_buffers()}, self.dtype)  # every buffer is per row
 
 
 def stored_dtype(source, dtype):
@@ -82,25 +155,20 @@ def stored_dtype(source, dtype):
 
 
 def read_stored(f, key, fmt, dtype, device, file, offset):
-    """One tensor of an open safetensors file, in its stored form: (tensor, int8 scales or None).
-    Vectors (the norms' weights) are always in the compute dtype: they are tiny. file, offset:
-    where the tensor's bytes start, for int8, which reads a block of rows at a time."""
+    """One tensor of an open safetensors file, in its stored form: {"weight": tensor, and for int8
+    or int4 its scales}. Vectors (the norms' weights) are always in the compute dtype: they are
+    tiny. key: ours; file, offset: where the tensor's bytes start, for quantizing, which reads a
+    block of rows at a time."""
     sliced = f.get_slice(key)
     shape = sliced.get_shape()
-    if len(shape) != 2 or fmt != "int8":
+    bits = bits_of(key, fmt) if len(shape) == 2 else None
+    if bits is None:
         t = f.get_tensor(key)  # memory-mapped: the same dtype on the CPU stays a view of the file
-        t = t.to(device=device, dtype=dtype if len(shape) != 2 else stored_dtype(t.dtype, dtype))
-        return t, None
-    source = SAFETENSORS_DTYPES[sliced.get_dtype()]
-    q = torch.empty(shape, dtype=torch.int8, device=device)
-    scale = torch.empty(shape[0], dtype=torch.float32, device=device)
-    for start in range(0, shape[0], ROWS_PER_READ):  # a block of rows at a time: no full-precision copy
-        stop = min(shape[0], start + ROWS_PER_READ)
-        q[start:stop], scale[start:stop] = (t.to(device) for t in quantize_int8(
-            read_rows(file, offset, shape, source, start, stop)))
-    return q, scale
-
-
+        return {"weight": t.to(device=device, dtype=dtype if len(shape) != 2 else stored_dtype(t.dtype, dtype))}
+    source, quantize = SAFETENSORS_DTYPES[sliced.get_dtype()], quantize_int8 if bits == 8 else quantize_int4
+    blocks = [quantize(read_rows(file, offset, shape, source, start, min(shape[0], start + ROWS_PER_READ)))
+              for start in range(0, shape[0], ROWS_PER_READ)]  # a block of rows at a time: no full-precision copy
+    return {name: torch.cat([b[name].to(device) for b in blocks]) for name in blocks[0]}
 def read_rows(file, offset, shape, dtype, start, stop):
     """Rows start:stop of a 2-D tensor whose bytes start at offset in file, read with plain file
     I/O: through the OS's cache, not mapped into this process (a memory-mapped read keeps every page
@@ -113,18 +181,33 @@ def read_rows(file, offset, shape, dtype, start, stop):
     return torch.frombuffer(buffer, dtype=dtype).view(stop - start, shape[1])
 
 
-def apply_format(model, state, dtype):
+def read_lookup(file, offset, shape, dtype, ids):
+    """Rows ids (a list, any order, repeats allowed) of a 2-D tensor in file: only those rows are
+    read, as read_rows does, each distinct row once."""
+    row, unique = shape[1] * dtype.itemsize, sorted(set(ids))
+    buffer = bytearray(len(unique) * row)
+    with open(file, "rb") as fh:
+        for j, i in enumerate(unique):
+            fh.seek(offset + i * row)
+            fh.readinto(memoryview(buffer)[j * row:(j + 1) * row])
+    where = {i: j for j, i in enumerate(unique)}
+    return torch.frombuffer(buffer, dtype=dtype).view(len(unique), shape[1])[torch.tensor([where[i] for i in ids])]
+
+
+def apply_format(model, stored, dtype):
     """Swap StoredLinear / StoredEmbedding in for every nn.Linear / nn.Embedding whose weight in
-    state is not a plain dtype tensor (the call site: before load_state_dict(state, assign=True))."""
+    stored form is not a plain dtype tensor (the call site: before load_state_dict(assign=True)).
+    stored: {tensor key: read_stored's dict}."""
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
-        weight, scale = state[f"{name}.weight"], state.get(f"{name}.scale")
-        if scale is None and weight.dtype == dtype:
+        tensors = stored[f"{name}.weight"]
+        if len(tensors) == 1 and tensors["weight"].dtype == dtype:
             continue  # already what the forward computes in: the plain module, no conversion
-        stored = StoredLinear(weight, scale) if isinstance(module, nn.Linear) else StoredEmbedding(weight, scale, dtype)
+        new = (StoredLinear(tensors, module.in_features) if isinstance(module, nn.Linear)
+               else StoredEmbedding(tensors, dtype))
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, stored)
+        setattr(model.get_submodule(parent), attr, new)
 
 
 # ----------------------------------------------------------------------------- choosing a format
@@ -144,15 +227,23 @@ def read_header(file, offsets=False):
 def weight_bytes(tensors, fmt, dtype):
     """Bytes the weights take in memory in a format; tensors: {key: (shape, dtype on disk)}."""
     total = 0
-    for shape, source in tensors.values():
-        n = math.prod(shape)
+    for key, (shape, source) in tensors.items():
+        n, bits = math.prod(shape), bits_of(key, fmt) if len(shape) == 2 else None
         if len(shape) != 2:
             total += n * dtype.itemsize
-        elif fmt == "int8":
-            total += n + 4 * shape[0]
+        elif bits == 8:
+            total += n + 2 * n // GROUP                    # q, a float16 scale per group
+        elif bits == 4:
+            total += n // 2 + 2 * n // GROUP + 8 * shape[0]  # q, two 8-bit codes per group, two float32 steps per row
         else:
             total += n * stored_dtype(source, dtype).itemsize
     return total
+
+
+def bits_per_weight(tensors, fmt):
+    """Bits per weight of the 2-D tensors (the linear layers and the embedding table), scales included."""
+    matrices = {k: v for k, v in tensors.items() if len(v[0]) == 2}
+    return 8 * weight_bytes(matrices, fmt, torch.float32) / sum(math.prod(shape) for shape, _ in matrices.values())
 
 
 def batch_room(config, tensors, dtype, batch_tokens):
@@ -164,25 +255,27 @@ def batch_room(config, tensors, dtype, batch_tokens):
 
 
 def choose_format(quantize, tensors, config, dtype, batch_tokens, budget):
-    """(format, one line saying why). quantize: "auto", "none" (as shipped) or "int8"; auto takes
-    as shipped if the weights plus room for a batch fit the budget, else int8 if that fits.
-    budget: (bytes, how it was found). Raises ValueError, before any weight is read, if the
-    chosen (or every) format does not fit."""
-    if quantize not in ("auto", "none", "int8"):
-        raise ValueError(f"--quantize must be auto, none or int8, got {quantize!r}")
+    """(format, one line saying why): the run's one decision, before any weight is read.
+    quantize: "auto", or a format of FORMATS ("none" is as shipped); auto takes the first of as
+    shipped, int8, int4 whose weights plus room for a batch fit the budget. budget: (bytes, how it
+    was found). Raises ValueError if the chosen (or every) format does not fit."""
+    if quantize not in ("auto", *FORMATS):
+        raise ValueError(f"--quantize must be auto, none, int8 or int4, got {quantize!r}")
     room = batch_room(config, tensors, dtype, batch_tokens)
-    sizes = {fmt: weight_bytes(tensors, fmt, dtype) for fmt in ("none", "int8")}
+    sizes = {fmt: weight_bytes(tensors, fmt, dtype) for fmt in FORMATS}
     stored = "/".join(sorted({dtype_name(stored_dtype(source, dtype)) for shape, source in tensors.values()
                               if len(shape) == 2}))
     free, where = budget
-    fits = [fmt for fmt in (("none", "int8") if quantize == "auto" else (quantize,)) if sizes[fmt] + room <= free]
+    fits = [fmt for fmt in (FORMATS if quantize == "auto" else (quantize,)) if sizes[fmt] + room <= free]
     if not fits:
         raise ValueError(f"the model does not fit: its weights need {sizes['none'] / GB:.1f} GB {stored} "
-                         f"as shipped or {sizes['int8'] / GB:.1f} GB in int8, plus {room / GB:.1f} GB for a batch; "
-                         f"{where}" + ("" if quantize == "auto" else f" (--quantize {quantize})"))
+                         f"as shipped, {sizes['int8'] / GB:.1f} GB in int8 or {sizes['int4'] / GB:.1f} GB in int4, "
+                         f"plus {room / GB:.1f} GB for a batch; {where}"
+                         + ("" if quantize == "auto" else f" (--quantize {quantize})"))
     fmt = fits[0]
-    name = "int8" if fmt == "int8" else f"as shipped, {stored}"
-    why = (f"as shipped they need {sizes['none'] / GB:.1f} GB; " if fmt == "int8" and quantize == "auto"
-           else "--quantize int8; " if fmt == "int8" else "")
+    name = {"none": f"as shipped, {stored}", "int8": "int8",
+            "int4": f"int4 ({' and '.join(k.split('.')[0] for k in MIXED_8BIT)} in int8)"}[fmt]
+    tried = FORMATS[:FORMATS.index(fmt)] if quantize == "auto" else ()
+    why = "".join(f"{'as shipped' if f == 'none' else f} they need {sizes[f] / GB:.1f} GB; " for f in tried)
+    why = why or (f"--quantize {fmt}; " if fmt != "none" else "")
     return fmt, f"weights: {name}, {sizes[fmt] / GB:.1f} GB ({why}{where})"
-

@@ -18,14 +18,16 @@ def test_bench_smoke_run():
                 "--dtype", "float32")
     table = out.split("method")[1].split("\n\n")[0].splitlines()[1:]
     names = [line.split("  ")[0] for line in table if line.strip()]
-    assert names == ["ours, defaults", "ours 64 tok", "ours int8 64 tok", "transformers (naive)",
-                     "sentence-transformers bs=8"]
+    assert names == ["ours, defaults", "ours 64 tok", "ours int8 64 tok", "ours int4 64 tok",
+                     "transformers (naive)", "sentence-transformers bs=8"]
     for line in table:
         if "int8" in line:
             assert float(line.split()[-2]) >= 0.999  # int8 weights: the same vectors to cosine 0.999
+        elif "int4" in line:
+            assert 0.8 <= float(line.split()[-2]) < 0.9999  # int4: near, not equal (tests/test_weights.py)
         else:
             assert float(line.split()[-3]) < 1e-5  # the same vectors as ours
-    assert "ours at defaults:" in out and "int8 weights: " in out
+    assert "ours at defaults:" in out and "int8 weights: " in out and "int4 weights: " in out
 
 
 def test_bench_head_smoke_run():

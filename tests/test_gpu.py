@@ -66,13 +66,20 @@ def test_compiled_matches_eager_in_fp32(model_dir):
     assert compiled.compiled and (got - eager).abs().max().item() <= 1e-5
 
 
-def test_int8_agrees_with_bf16_as_shipped_at_the_8b_width(tmp_path):
-    """4 layers of the 8B's exact shape in bf16: int8 weights give the same vectors to cosine 0.999."""
+def test_quantized_weights_agree_with_bf16_as_shipped_at_the_8b_width(tmp_path):
+    """4 layers of the 8B's exact shape in bf16: int8 weights give the same vectors to cosine 0.999;
+    int4 prints its figures (unmeasured on a GPU so far: on the CPU, 4 random layers of the 0.6B's
+    shape gave min 0.939) and must stay near, and the fidelity measurement agrees with encoding."""
     folder = make_checkpoint(tmp_path / "m", layers=4, hidden=4096, heads=32, kv_heads=8, head_dim=128,
                              intermediate=12288, dtype=torch.bfloat16)
     shipped = Qwen3Embedder.from_pretrained(folder, quantize="none").encode(MIXED_TEXTS, progress=False)
     int8 = Qwen3Embedder.from_pretrained(folder, quantize="int8").encode(MIXED_TEXTS, progress=False)
     assert cosines(shipped, int8).min() >= 0.999
+    model = Qwen3Embedder.from_pretrained(folder, quantize="int4")
+    cos = cosines(shipped, model.encode(MIXED_TEXTS, progress=False))
+    print(f"int4 vs bf16 as shipped at the 8B width: min {cos.min():.4f}, mean {cos.mean():.4f}")
+    assert cos.min() >= 0.85
+    assert (model.fidelity(MIXED_TEXTS) - cos).abs().max() <= 2e-3  # bf16: batches differ by rounding
 
 
 def test_head_trains_on_the_gpu_with_the_same_numbers_for_the_same_seed():

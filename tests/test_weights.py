@@ -1,8 +1,11 @@
-"""Weights as shipped or in int8 (weights.py), the memory budget, the dtype by device, any device,
-batch planning (runtime.py, qwen_embed.plan_batches)."""
+"""Weights as shipped, in int8 or int4 (weights.py), fidelity against as shipped, the memory budget,
+the dtype by device, any device, batch planning (runtime.py, qwen_embed.plan_batches)."""
 
+import gc
+import json
 import math
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import evaluate
+import lora
 import qwen_embed
 import runtime
 import train
@@ -21,7 +25,7 @@ from helpers import PINNED, TEXTS, cli_error, count_forward_passes, write_csv
 from lora import adapters, add_lora
 from qwen_embed import Qwen3Config, Qwen3Embedder, Qwen3Model, plan_batches
 from random_checkpoint import SHAPES, make_checkpoint
-from weights import StoredLinear, dequantize, quantize_int8
+from weights import GROUP, StoredLinear, dequantize, quantize_int4, quantize_int8
 
 
 def cosines(a, b):
@@ -30,20 +34,62 @@ def cosines(a, b):
 
 # ----------------------------------------------------------------------------- int8
 
-def test_int8_round_trip_is_within_half_a_step():
+def sample_weights():
+    """Rows of different scales, an all-zero row, an outlier, an all-positive group."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 300, generator=g) * torch.rand(64, 1, generator=g) * 3  # rows of different scales
+    w = torch.randn(64, 320, generator=g) * torch.rand(64, 1, generator=g) * 3
     w[3] = 0          # an all-zero row
-    w[5, 7] = 40.0    # an outlier: only its own row's step grows
-    q, scale = quantize_int8(w)
-    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and int(q.abs().max()) == 127
-    assert torch.allclose(scale, w.abs().amax(1) / 127)  # symmetric, per output channel
-    half_step = scale[:, None] * (0.5 + 1e-5)  # (1e-5: float32 rounding of w / scale)
-    assert ((w - dequantize(q, scale)).abs() <= half_step).all()
-    assert not q[3].any() and (dequantize(q, scale)[3] == 0).all()
+    w[5, 7] = 40.0    # an outlier: only its own group's step grows
+    w[9, 32:64] = w[9, 32:64].abs() + 1  # a group that holds no negative weight
+    return w
+
+
+def test_int8_round_trip_is_within_half_a_step_per_group():
+    w = sample_weights()
+    t = quantize_int8(w)
+    q, scale = t["weight"], t["scale"]
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (64, 320 // GROUP)
+    groups = w.view(64, -1, GROUP)
+    # Symmetric, per group: a group's largest |w| maps to 127 (but for float16 rounding of the scale).
+    assert torch.allclose(scale.float(), groups.abs().amax(-1) / 127, rtol=1e-3)
+    step = scale.float().repeat_interleave(GROUP, 1)
+    assert ((w - dequantize(t, torch.float32)).abs() <= step * (0.5 + 1e-5)).all()
+    assert not q[3].any() and (dequantize(t, torch.float32)[3] == 0).all()
+    outlier_group = (w - dequantize(t, torch.float32))[5, :GROUP].abs().max()
+    assert (w - dequantize(t, torch.float32))[5, GROUP:].abs().max() < outlier_group  # the rest of the row unharmed
     bf16 = w.to(torch.bfloat16)  # as shipped: quantizing the shipped bf16 works the same
-    q, scale = quantize_int8(bf16)
-    assert ((bf16.float() - dequantize(q, scale)).abs() <= scale[:, None] * (0.5 + 1e-5)).all()
+    t = quantize_int8(bf16)
+    assert ((bf16.float() - dequantize(t, torch.float32)).abs() <= t["scale"].float().repeat_interleave(GROUP, 1)
+            * (0.5 + 1e-5)).all()
+
+
+def test_int4_round_trip_is_within_half_a_step_per_group_and_packs_two_per_byte():
+    w = sample_weights()
+    t = quantize_int4(w)
+    packed, codes, steps = t["weight"], t["codes"], t["steps"]
+    assert packed.dtype == codes.dtype == torch.uint8 and packed.shape == (64, 160) and codes.shape == (64, 10, 2)
+    scale, offset = (codes.float() * steps[:, None]).unbind(-1)  # (64, 10) each
+    groups = w.view(64, -1, GROUP)
+    lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    # Asymmetric: the grid -offset + scale * (0..15) spans the group, 0 included, and no wider
+    # than the codes' rounding up needs.
+    assert (-offset <= lo + 1e-5).all() and (15 * scale - offset >= hi - 1e-5).all()  # (float32 rounding)
+    assert (offset <= -lo + steps[:, 1:] + 1e-6).all() and (scale <= (hi + offset) / 15 + steps[:, :1] + 1e-6).all()
+    step = scale.repeat_interleave(GROUP, 1)
+    assert ((w - dequantize(t, torch.float32)).abs() <= step * (0.5 + 1e-5)).all()  # half a step, every weight
+    assert (dequantize(t, torch.float32)[3] == 0).all()
+    # Packing, worked by hand: the even column in the low nibble, the odd one in the high nibble.
+    q = torch.round((groups + offset[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(64, -1)
+    assert torch.equal(packed & 15, q[:, 0::2]) and torch.equal(packed >> 4, q[:, 1::2])
+    scale64, offset64 = (codes.double() * steps.double()[:, None]).unbind(-1)
+    unpacked = dequantize({"weight": packed, "codes": codes, "steps": steps}, torch.float64)
+    assert torch.equal(unpacked, (q.double().view(64, -1, GROUP) * scale64[..., None]
+                                  - offset64[..., None]).view(64, -1))  # exact, in a wider dtype too
+
+
+def test_quantizing_refuses_a_width_that_is_not_a_multiple_of_the_group():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quantize_int4(torch.randn(4, 48))
 
 
 @pytest.fixture(scope="module")
@@ -80,33 +126,68 @@ def heavy_tailed(folder, out):
     return out
 
 
-@pytest.mark.parametrize("weights_kind, min_cosine", [("random", 0.999), ("heavy-tailed", 0.99)])
-def test_int8_vectors_agree_with_as_shipped(bf16_model, tmp_path, weights_kind, min_cosine):
-    """Measured on this 3-layer, 64-wide model: 0.99939 on random weights, 0.99576 on heavy-tailed
-    ones (coarser steps: a row's scale follows its largest entry), so heavy tails get 0.99 here;
-    the README lists more weight distributions."""
-    folder = bf16_model if weights_kind == "random" else heavy_tailed(bf16_model, tmp_path / "heavy")
+def outlier_inputs(folder, out):
+    """The same checkpoint with 3 input channels of every linear layer 10x larger: the columns that
+    read the residual stream's outlier features. One scale per row followed them and coarsened the
+    whole row (cosine 0.98945 measured with per-row int8); a scale per group of 32 confines them."""
+    out = shutil.copytree(folder, out)
+    state = load_file(out / "model.safetensors")
+    torch.manual_seed(2)
+    for key, w in state.items():
+        if w.ndim == 2 and "embed" not in key:
+            w = w.float()
+            w[:, torch.randperm(w.shape[1])[:3]] *= 10
+            state[key] = w.to(torch.bfloat16)
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("fmt, weights_kind, min_cosine", [
+    ("int8", "random", 0.999), ("int8", "heavy-tailed", 0.99), ("int8", "outlier inputs", 0.95),
+    ("int4", "random", 0.85)])
+def test_quantized_vectors_agree_with_as_shipped(bf16_model, tmp_path, fmt, weights_kind, min_cosine):
+    """Min cosine per text against as shipped, measured on this 3-layer, 64-wide model (float32),
+    the pessimistic case: an untrained network amplifies every layer's noise, and its rows are
+    only 2 or 3 groups wide, so a scale per group confines an outlier little more than a scale per
+    row did. int8 per group: 0.99950 random (per row: 0.99939), 0.99557 heavy-tailed (0.99576),
+    0.96792 with outlier inputs. int4: 0.90580 on random weights (0.939 at the 0.6B's width over 4
+    layers; README, "Quantized weights"). The bounds hold these measurements with a margin, and
+    fail if a layer lost its scales."""
+    folder = {"random": lambda: bf16_model, "heavy-tailed": lambda: heavy_tailed(bf16_model, tmp_path / "heavy"),
+              "outlier inputs": lambda: outlier_inputs(bf16_model, tmp_path / "outliers")}[weights_kind]()
     texts = TEXTS + [t.upper() for t in TEXTS]
     shipped = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize="none")
-    int8 = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize="int8")
-    assert isinstance(int8.model.layers[0].mlp.down_proj, StoredLinear) and int8.weight_format == "int8"
-    cos = cosines(shipped.encode(texts, progress=False), int8.encode(texts, progress=False))
-    print(f"{weights_kind} weights: int8 vs as shipped, min cosine {cos.min():.5f}")
+    quantized = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize=fmt)
+    assert isinstance(quantized.model.layers[0].mlp.down_proj, StoredLinear) and quantized.weight_format == fmt
+    cos = cosines(shipped.encode(texts, progress=False), quantized.encode(texts, progress=False))
+    print(f"{weights_kind} weights: {fmt} vs as shipped, min cosine {cos.min():.5f}")
     assert cos.min() >= min_cosine
 
 
-def test_lora_gradients_on_int8_equal_those_on_the_dequantized_weights(tiny):
-    """QLoRA: adapters on a frozen int8 base get the gradients of the same adapters on a float32
-    copy of the dequantized weights."""
-    int8 = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize="int8")
+def test_int4_keeps_the_embedding_table_and_v_proj_in_int8(tiny):
+    model = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize="int4").model
+    buffers = lambda m: {n: t.dtype for n, t in m.named_buffers()}
+    assert buffers(model.embed_tokens) == {"weight": torch.int8, "scale": torch.float16}
+    assert buffers(model.layers[1].self_attn.v_proj) == {"weight": torch.int8, "scale": torch.float16}
+    assert buffers(model.layers[1].self_attn.q_proj) == {"weight": torch.uint8, "codes": torch.uint8,
+                                                         "steps": torch.float32}
+    tensors = qwen_embed.checkpoint_tensors(tiny)
+    assert weights.weight_bytes(tensors, "int4", torch.float32) < weights.weight_bytes(tensors, "int8", torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_lora_gradients_on_a_quantized_base_equal_those_on_the_dequantized_weights(tiny, fmt):
+    """QLoRA: adapters on a frozen int8 or int4 base get the gradients of the same adapters on a
+    float32 copy of the dequantized weights (the base's input gradient is recomputed in backward)."""
+    quantized = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize=fmt)
     full = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize="none")
-    with torch.no_grad():  # the float32 model gets exactly the int8 model's weights
-        stored = dict(int8.model.named_modules())
+    with torch.no_grad():  # the float32 model gets exactly the quantized model's weights
+        stored = dict(quantized.model.named_modules())
         for name, module in full.model.named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                module.weight.copy_(dequantize(stored[name].weight, stored[name].scale))
+                module.weight.copy_(dequantize(dict(stored[name].named_buffers()), torch.float32))
     grads = []
-    for model in (int8, full):
+    for model in (quantized, full):
         torch.manual_seed(0)
         add_lora(model.model, rank=4, alpha=8, targets=["q", "v", "down", "gate"])
         g = torch.Generator().manual_seed(1)
@@ -122,6 +203,60 @@ def test_lora_gradients_on_int8_equal_those_on_the_dequantized_weights(tiny):
     for name, g in grads[1].items():
         assert g.abs().max() > 0
         assert ((grads[0][name] - g).norm() / g.norm()).item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "none"])
+def test_a_lora_step_on_a_stored_base_saves_activations_only(bf16_model, fmt):
+    """No weight-sized tensor is kept for the backward pass: the stored base converts its weight
+    again there (weights.Dequantize). "none" here is bf16 as shipped computed in float32, which
+    converts too. Checked on every tensor autograd saves, with saved_tensors_hooks."""
+    model = Qwen3Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize=fmt)
+    add_lora(model.model, rank=2, alpha=4, targets=list(lora.TARGETS))
+    weight_sizes = {m.out_features * m.in_features for m in model.model.modules() if isinstance(m, StoredLinear)}
+    ids = model.tokenize(TEXTS[:2])
+    lengths = torch.tensor([len(i) for i in ids])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h = model.model(torch.tensor([t for i in ids for t in i]), lengths)
+        loss = model.pool(h, lengths, "last", None, True).square().sum()
+    loss.backward()
+    assert saved and all(p.grad is not None for p in adapters(model.model).values())
+    big = [tuple(t.shape) for t in saved if t.numel() in weight_sizes and t.shape[0] != lengths.sum()]
+    assert not big, big  # before weights.Dequantize: every layer's float32 weight was among them
+
+
+def test_the_streamed_reference_equals_the_model_as_shipped_holding_one_block(bf16_model, monkeypatch):
+    shipped = Qwen3Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize="none")
+    ids = shipped.tokenize(TEXTS)
+    lengths = torch.tensor([len(i) for i in ids])
+    flat = [t for i in ids for t in i]
+    config = shipped.model.config
+    loaded = []  # weakrefs to every block (or norm) the reference loads: at most one alive at a time
+    original = qwen_embed.load_weights
+
+    def counting(model, *args, **kw):
+        original(model, *args, **kw)
+        if isinstance(model, Qwen3Model):  # a whole model (the quantized one, beside the reference)
+            return
+        loaded.append(weakref.ref(model))
+        gc.collect()
+        alive = [m() for m in loaded if m() is not None]
+        assert len(alive) <= 1, [type(m).__name__ for m in alive]
+    monkeypatch.setattr(qwen_embed, "load_weights", counting)
+    for layer in (None, 2):
+        with torch.no_grad():
+            want = shipped.model(torch.tensor(flat), lengths, return_layers=True)
+        want = want[0] if layer is None else want[1][layer]
+        for max_tokens in (2048, 40):  # one run of texts, or several
+            got = qwen_embed.streamed_states(bf16_model, config, ids, torch.device("cpu"), torch.float32, layer,
+                                             max_tokens)
+            assert (got - want).abs().max().item() <= 1e-6
+    assert len(loaded) == 2 * (3 + 1) + 2 * 2  # 3 blocks and the norm, then 2 blocks; twice each
+    int8 = Qwen3Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize="int8")
+    cos = int8.fidelity(TEXTS)  # the same measurement as encoding with both models
+    assert torch.allclose(cos, cosines(int8.encode(TEXTS, progress=False), shipped.encode(TEXTS, progress=False)),
+                          atol=1e-6)
+    assert torch.allclose(shipped.fidelity(TEXTS), torch.ones(len(TEXTS)), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- choosing a format
@@ -141,20 +276,58 @@ def eight_b_tensors():
     return tensors, config
 
 
-def test_auto_keeps_as_shipped_then_int8_then_says_nothing_fits():
+def test_auto_keeps_as_shipped_then_int8_then_int4_then_says_nothing_fits():
     tensors, config = eight_b_tensors()
     params = sum(math.prod(shape) for shape, _ in tensors.values())
     assert round(params / 1e9, 2) == 7.57  # Qwen3-8B without its lm_head
+    # Bytes worked by hand: int8 1 B + a 2 B scale per 32 weights; int4 half a byte + two 1 B codes
+    # per 32 + 8 B per row; int4 keeps the embedding table and v_proj in int8.
+    eight = [k for k in tensors if k.endswith(("embed_tokens.weight", "v_proj.weight"))]
+    n = {k: math.prod(shape) for k, (shape, _) in tensors.items() if len(shape) == 2}
+    vectors = sum(math.prod(shape) for shape, _ in tensors.values() if len(shape) == 1) * 4
+    int4 = sum(v * 17 / 16 if k in eight else v * 9 / 16 + tensors[k][0][0] * 8 for k, v in n.items()) + vectors
+    assert weights.weight_bytes(tensors, "int4", torch.float32) == int4
+    assert round(weights.bits_per_weight(tensors, "int4"), 1) == 4.9 and weights.bits_per_weight(tensors, "int8") == 8.5
     choose = lambda gb, dtype=torch.float32: weights.choose_format("auto", tensors, config, dtype, 2048,
                                                                     (int(gb * 1e9), f"{gb} GB here"))
     fmt, line = choose(24)  # a 24 GB CPU box without native bf16: bf16 kept, not widened to 30 GB of fp32
     assert fmt == "none" and line.startswith("weights: as shipped, bfloat16, 15.1 GB (24 GB here)")
     fmt, line = choose(14)  # a T4's budget
-    assert fmt == "int8" and line.startswith("weights: int8, 7.6 GB (as shipped they need 15.1 GB; 14 GB here)")
-    with pytest.raises(ValueError, match=r"^the model does not fit: its weights need 15.1 GB bfloat16 as shipped or "
-                                         r"7.6 GB in int8, plus \d.\d GB for a batch; 4 GB here$"):
+    assert fmt == "int8" and line == "weights: int8, 8.0 GB (as shipped they need 15.1 GB; 14 GB here)"
+    fmt, line = choose(7)  # an 8 GB card's
+    assert fmt == "int4" and line == ("weights: int4 (embed_tokens and v_proj in int8), 4.7 GB (as shipped they "
+                                      "need 15.1 GB; int8 they need 8.0 GB; 7 GB here)")
+    with pytest.raises(ValueError, match=r"^the model does not fit: its weights need 15.1 GB bfloat16 as shipped, "
+                                         r"8.0 GB in int8 or 4.7 GB in int4, plus \d.\d GB for a batch; 4 GB here$"):
         choose(4)
     assert weights.choose_format("none", tensors, config, torch.float32, 2048, (int(24e9), ""))[0] == "none"
+    with pytest.raises(ValueError, match=r"\(--quantize int8\)$"):
+        weights.choose_format("int8", tensors, config, torch.float32, 2048, (int(7e9), "7 GB here"))
+
+
+def test_the_weight_format_is_decided_once_per_run_and_recorded(tmp_path, tiny, monkeypatch):
+    """train.py: one decision, with --max-memory, that the loader takes as it is; the checkpoint
+    records it and its fidelity; evaluate.py reuses it, and finds the vectors in the cache."""
+    decisions = []
+    original = weights.choose_format
+    monkeypatch.setattr(weights, "choose_format", lambda *a: decisions.append(a[0]) or original(*a))
+    data = write_csv(tmp_path / "train.csv")
+    lines = []
+    train.main(train.parse_args(["--data", str(data), "--model", str(tiny), *PINNED, "--quantize", "int4",
+                                 "--max-memory", "8", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+                                 "--hidden", "8", "8", "--quiet", "--fidelity-texts", "5",
+                                 "--out", str(tmp_path / "run")]), log=lines.append)
+    assert decisions == ["int4"]
+    fidelity = [line for line in lines if line.startswith("int4 vs as shipped on 5 of these texts: cosine min")]
+    assert len(fidelity) == 1, lines
+    meta = evaluate.load_checkpoint(tmp_path / "run")[1]["embedding"]
+    assert meta["weights"] == "int4" and meta["fidelity"]["texts"] == 5 and 0 < meta["fidelity"]["min"] <= 1
+    spec = json.loads(next((tmp_path / "cache").glob("*/spec.json")).read_text())
+    assert spec["weights"] == "int4-g32" and spec["fidelity"] == meta["fidelity"]
+    calls = count_forward_passes(monkeypatch)
+    evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--device", "cpu",
+                                       "--cache-dir", str(tmp_path / "cache"), "--quiet"]))
+    assert not calls and decisions == ["int4", "int4"]  # the checkpoint's format, from the cache
 
 
 def test_max_memory_too_small_stops_before_any_weight_is_read(tmp_path, tiny, monkeypatch):
@@ -209,20 +382,21 @@ class DeviceMixing(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("fmt", ["none", "int8"])
+@pytest.mark.parametrize("fmt", ["none", "int8", "int4"])
 def test_every_tensor_of_a_forward_is_on_the_model_device(tiny, fmt):
     """A forward pass and pooling on the meta device: any tensor built on the host and used with
     the model's (ids, positions, offsets, pooling indices) would mix devices, as it would on mps."""
     config = Qwen3Config.from_json(tiny / "config.json")
     with torch.device("meta"):
         model = Qwen3Model(config)
-        if fmt == "int8":
-            state = {}
+        if fmt != "none":
+            stored = {}
             for name, module in model.named_modules():
                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                    state[f"{name}.weight"] = torch.empty(module.weight.shape, dtype=torch.int8)
-                    state[f"{name}.scale"] = torch.empty(module.weight.shape[0])
-            weights.apply_format(model, state, torch.float32)
+                    w = torch.randn(module.weight.shape, device="cpu")  # quantized for real, then on meta
+                    quantize = quantize_int4 if fmt == "int4" and isinstance(module, torch.nn.Linear) else quantize_int8
+                    stored[f"{name}.weight"] = {k: t.to("meta") for k, t in quantize(w).items()}
+            weights.apply_format(model, stored, torch.float32)
     lengths = torch.tensor([5, 1, 3])
     with DeviceMixing() as mode:
         final, layers = model(torch.zeros(9, dtype=torch.long, device="meta"), lengths, return_layers=True)
