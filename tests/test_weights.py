@@ -247,10 +247,12 @@ def test_the_streamed_reference_equals_the_model_as_shipped_holding_one_block(bf
         with torch.no_grad():
             want = shipped.model(torch.tensor(flat), lengths, return_layers=True)
         want = want[0] if layer is None else want[1][layer]
-        for max_tokens in (2048, 40):  # one run of texts, or several
+        # One run of texts: the model's own batch, to 1e-6. Several: other batches, so other matmul
+        # blockings, to the batch invariance the suite holds everywhere (1e-5).
+        for max_tokens, tolerance in ((2048, 1e-6), (40, 1e-5)):
             got = qwen_embed.streamed_states(bf16_model, config, ids, torch.device("cpu"), torch.float32, layer,
                                              max_tokens)
-            assert (got - want).abs().max().item() <= 1e-6
+            assert (got - want).abs().max().item() <= tolerance
     assert len(loaded) == 2 * (3 + 1) + 2 * 2  # 3 blocks and the norm, then 2 blocks; twice each
     int8 = Qwen3Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize="int8")
     cos = int8.fidelity(TEXTS)  # the same measurement as encoding with both models
