@@ -7,10 +7,12 @@ names the file, row or flag; the command-line scripts print that line and exit n
 
 import contextlib
 import csv
+import errno
 import os
 import random
 import shutil
 import string
+import sys
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -26,6 +28,10 @@ def read_csv(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such CSV file")
+    # Python's csv refuses fields over 131,072 characters by default: a limit of the module, not of
+    # the file (Qwen3 reads 32k tokens, well over 100k characters). A field is held in memory like
+    # every other, so memory is the only limit.
+    csv.field_size_limit(sys.maxsize)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -172,10 +178,21 @@ def kfold(labels, k, groups=None, seed=0):
 
 # ----------------------------------------------------------------------------- atomic writes
 
+class DiskFullError(OSError):
+    """A write found no space left: one line naming the folder and what it has free."""
+
+
+def is_disk_full(error):
+    """ENOSPC or EDQUOT, as an OSError or as the I/O error safetensors reports in its own exception."""
+    return isinstance(error, DiskFullError) or (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        any(f"os error {n})" in str(error) for n in (errno.ENOSPC, errno.EDQUOT)))
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, so a
-    reader never sees a half-written file or folder. On failure or Ctrl-C it is removed."""
+    reader never sees a half-written file or folder. On failure or Ctrl-C it is removed; a full
+    disk becomes DiskFullError (one line: the folder and its free space)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / "tmp"
@@ -185,5 +202,12 @@ def atomic_path(path):
             old = tmp.parent / "old"
             os.replace(path, old)
         os.replace(tmp, path)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(tmp.parent, ignore_errors=True)  # first, so that the free space counts it
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFullError(f"{path.parent}: no space left on the disk while writing {path.name} ({free / 1e6:.1f} MB "
+                            f"free there); nothing half-written was kept") from None
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)

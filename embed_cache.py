@@ -18,11 +18,13 @@ Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the ranks share the 
 
 import argparse
 import atexit
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 import runtime
 import weights
-from data import atomic_path
+from data import DiskFullError, atomic_path
 from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, TextTooLongError, checkpoint_tensors
 
 MIB = 1 << 20
@@ -245,17 +247,30 @@ class ChunkWriter:
 
 def cli(main, parse_args, argv=None):
     """Run train.py's or evaluate.py's main: bad input ends in one line on stderr and a non-zero
-    exit, not a traceback. Under torchrun only rank 0 prints (errors still reach stderr from every rank)."""
+    exit, not a traceback. SIGTERM (how Slurm, a preemptible VM, a notebook ending or `docker stop`
+    ends a job) is handled as Ctrl-C is: what was computed is cached, one line, exit 143; a second
+    SIGTERM ends the process at once. Under torchrun only rank 0 prints (errors still reach stderr
+    from every rank)."""
     if int(os.environ.get("RANK", "0")) > 0:
         sys.stdout = open(os.devnull, "w")
+    stopped = []
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one is not caught
+        stopped.append(signum)
+        raise KeyboardInterrupt  # unwinds like Ctrl-C: pending vectors written, temporary files removed
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return main(parse_args(argv))
-    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, DiskFullError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:  # train.py adds how far the head phase got
-        print(f"interrupted: {str(e) or 'the vectors computed so far are cached; run again to resume'}",
-              file=sys.stderr)
-        sys.exit(130)
+        print(f"{'terminated (SIGTERM)' if stopped else 'interrupted'}: "
+              f"{str(e) or 'the vectors computed so far are cached; run again to resume'}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM if stopped else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_flags(p, quantize_default="auto"):
@@ -397,7 +412,10 @@ def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instructi
         if rank:
             return None
     for cache in caches.values():
-        cache.compact(D)
+        try:
+            cache.compact(D)
+        except DiskFullError as e:  # the chunks are all there: merging them is only tidiness
+            log(f"warning: {e}; the cache keeps its chunk files (merged by a later run)")
     return {(p, layer): Vectors(caches[p, k], text_key, D) for p in poolings for layer, k in zip(layers, keys)}
 
 
@@ -490,6 +508,7 @@ def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progr
                 writer.add(batch, vectors)
                 kept.update({i: vectors[first][j] for j, i in enumerate(batch) if i in wanted})
                 bar.update(len(batch))
+            writer.flush()
         except NonFiniteError as e:  # that batch is not cached; name the rows, not positions
             writer.flush()
             rows = rows_of({texts[mine[i]] for i in e.indices})
@@ -500,8 +519,14 @@ def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progr
             raise MemoryError(f"row {rows_of({texts[mine[e.index]]})[0]}: its {e.tokens} tokens do not fit in GPU "
                               f"memory even alone; the {writer.saved} vectors computed so far are cached; lower "
                               f"--max-length") from None
-        finally:  # Ctrl-C too: what was computed is kept
-            writer.flush()
+        except DiskFullError as e:
+            left = len(mine) - writer.saved
+            raise DiskFullError(f"{e}. {writer.saved} of the {len(mine)} vectors to compute are cached; the other "
+                                f"{left} need {left * len(caches) * (dim * 4 + 32) / 1e6:.1f} MB more: free that "
+                                f"much and run again to resume") from None
+        finally:  # Ctrl-C and SIGTERM too: what was computed is kept (where the disk has room)
+            with contextlib.suppress(DiskFullError):
+                writer.flush()
     if world > 1:
         every = [None] * world
         dist.all_gather_object(every, (rank, len(mine), sum(len(tokens[j]) for j in mine), time.time() - t0))

@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 import embed_cache
-from data import add_answer_is_correct, atomic_path, check_ids, labels_of, read_csv, render, require_columns, template_fields
+from data import DiskFullError, add_answer_is_correct, atomic_path, check_ids, labels_of, read_csv, render, require_columns, template_fields
 from lora import add_lora, load_adapters, merge_lora
 from mlp_head import load_checkpoint, map_at_k, predict_proba, top_k
 from qwen_embed import Qwen3Embedder
@@ -112,7 +112,12 @@ def main(args):
         print(f"MAP@3: {result['map3']:.4f}  top-1 accuracy: {result['accuracy']:.4f}  ({len(truth)} rows"
               + (f"; {unseen} labels never seen in training count as misses)" if unseen else ")"))
     if args.out:
-        write_submission(args.out, ids, predictions, spec["id_col"], spec["label_cols"])
+        try:
+            write_submission(args.out, ids, predictions, spec["id_col"], spec["label_cols"])
+        except DiskFullError as e:
+            raise DiskFullError(f"--out {args.out}: {e}; the submission needs about "
+                                f"{sum(len(str(i)) + sum(map(len, p)) + 4 for i, p in zip(ids, predictions)) / 1e6:.1f} MB "
+                                f"(the vectors are cached: a rerun only predicts)") from None
         print(f"wrote {args.out} ({len(ids)} rows)")
     return result
 

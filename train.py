@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 import embed_cache
-from data import (CORRECT_SUFFIX, MAP_TEMPLATE, add_answer_is_correct, check_ids, kfold, labels_of,
+from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, add_answer_is_correct, check_ids, kfold, labels_of,
                   map_correct_answers, read_csv, render, require_columns, split, template_fields)
 from lora import add_lora, check_lora, checkpoint_blocks
 from mlp_head import ACTIVATIONS, MLPHead, map_at_k, predict_proba, save_checkpoint, top_k
-from qwen_embed import Qwen3Config, Qwen3Embedder
+from qwen_embed import Qwen3Config, Qwen3Embedder, checkpoint_tensors
 from runtime import dtype_name, pick_device, resolve_model_dir
 
 
@@ -148,7 +148,8 @@ def train_lora(args, texts, y, tr, va, labels, log=print):
     n_params = sum(p.numel() for p in lora.values())
     log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {args.lora_targets} in the top "
         f"{args.lora_layers or len(model.layers)} of {len(model.layers)} blocks: {n_params:,} trainable parameters "
-        f"(the model has {sum(t.numel() for t in model.state_dict().values()) - n_params:,}); vectors are not cached")
+        f"(the model has {sum(math.prod(shape) for shape, _ in checkpoint_tensors(embedder.folder).values()):,}); "
+        "vectors are not cached")
     ids = embedder.tokenize(texts, args.instruction, args.max_length)
 
     def batch_loss(idx):  # the model with gradients on these texts, pooled and L2-normed like the cache's vectors
@@ -249,12 +250,17 @@ def cache_vectors(args, data, log, poolings=None, layers=None):
     return stored
 
 
+def say_best(args, best, tr, va, log):
+    """The run's summary line: the best epoch and its validation figures."""
+    if len(va):
+        log(f"best epoch {best['epoch']}: val MAP@3 {best['map3']:.4f}, val acc {best['acc']:.4f} "
+            f"({len(tr)} train / {len(va)} val rows{', grouped by ' + args.group_col if args.group_col else ''})")
+
+
 def fit_one(args, x, y, truth, labels, tr, va, groups, log):
     with interrupted(lambda: "while training the head"):
         head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log)
-    if len(va):
-        log(f"best epoch {best['epoch']}: val MAP@3 {best['map3']:.4f}, val acc {best['acc']:.4f} "
-            f"({len(tr)} train / {len(va)} val rows{', grouped by ' + args.group_col if groups else ''})")
+    say_best(args, best, tr, va, log)
     return {"heads": [head], "val_idx": va, "val_probs": best["probs"], "results": best_results(best)}
 
 
@@ -377,9 +383,15 @@ def save_run(args, data, labels, fitted, results, embedding, log):
         results["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
                            "layers": args.lora_layers, "file": "lora.safetensors"}
     flags = {**vars(args), **fitted.get("config", {})}  # a sweep records its winning configuration
-    save_checkpoint(args.out, fitted["heads"], labels, embedding, results,
-                    files={"args.json": json.dumps(flags, indent=2), "val_predictions.csv": table.getvalue()},
-                    tensors={"lora.safetensors": lora} if lora else None)
+    try:
+        save_checkpoint(args.out, fitted["heads"], labels, embedding, results,
+                        files={"args.json": json.dumps(flags, indent=2), "val_predictions.csv": table.getvalue()},
+                        tensors={"lora.safetensors": lora} if lora else None)
+    except DiskFullError as e:
+        tensors = [t for h in fitted["heads"] for t in h.state_dict().values()] + list((lora or {}).values())
+        need = sum(t.numel() * t.element_size() for t in tensors) + len(table.getvalue())
+        raise DiskFullError(f"--out {args.out}: {e}; the checkpoint needs about {need / 1e6:.1f} MB"
+                            + ("" if lora else " (the vectors are cached: a rerun goes straight to the head)")) from None
     log(f"wrote {args.out}/ (meta.json, {len(fitted['heads'])} head file(s){', lora.safetensors' if lora else ''}, "
         f"args.json, val_predictions.csv)")
 
@@ -392,13 +404,18 @@ def main(args, log=print):
     index = {label: i for i, label in enumerate(labels)}
     y = torch.tensor([index[t] for t in truth])
     groups = [row[args.group_col] for row in data["rows"]] if args.group_col else None
-    tr, va = (torch.tensor(i, dtype=torch.long) for i in split(truth, args.val_frac, groups, args.seed))
+    if args.folds:  # every row is validated once, in its fold; checked here, before any forward pass
+        kfold(truth, args.folds, groups, args.seed)
+        tr, va = torch.arange(len(truth)), torch.tensor([], dtype=torch.long)
+    else:
+        tr, va = (torch.tensor(i, dtype=torch.long) for i in split(truth, args.val_frac, groups, args.seed))
     results = {"n_labels": len(labels), "n_rows": len(truth)}
     if args.layer_sweep or args.compare_pooling:
         return layer_sweep(args, data, labels, y, tr, va, log, results)
     if args.lora_rank:  # fine-tuning: no cached vectors, they change as the adapters learn
         with interrupted(lambda: "while fine-tuning"):
             head, best, lora, embedder, fidelity = train_lora(args, data["texts"], y, tr, va, labels, log)
+        say_best(args, best, tr, va, log)
         fitted = {"heads": [head], "val_idx": va, "val_probs": best["probs"], "lora": lora,
                   "results": {**best_results(best), "lora_trainable_params": sum(t.numel() for t in lora.values())}}
         dtype, weight_format = embedder.dtype, embedder.weight_format

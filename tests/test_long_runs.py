@@ -1,19 +1,25 @@
 """Long runs lose nothing: time-limited cache writes, compaction, out-of-GPU-memory recovery, two
-runs on one cache, Ctrl-C in the head phase."""
+runs on one cache, Ctrl-C and SIGTERM in the head phase, a full disk at every write."""
 
+import errno
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+from safetensors.torch import save_file as real_save_file
 
 import embed_cache
+import evaluate
+import mlp_head
 import train
 from data import read_csv, render
-from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, write_csv
+from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, embedded, write_csv
 from qwen_embed import Qwen3Model
 
 NUMBERED_TEXTS = [f"text number {i} " + "word " * (i % 17) for i in range(30)]
@@ -132,8 +138,10 @@ def test_two_runs_at_once_on_one_cache(tmp_path, tiny):
     assert torch.allclose(shared, fresh, atol=1e-5)
 
 
-@pytest.mark.parametrize("flags, progress", [(["--sweep", "500"], "sweep trials"), (["--folds", "5"], "in fold ")])
-def test_ctrl_c_in_the_head_phase_says_how_far_it_got_and_writes_nothing(tmp_path, tiny, flags, progress):
+@pytest.mark.parametrize("flags, progress, sig", [(["--sweep", "500"], "sweep trials", signal.SIGINT),
+                                                  (["--folds", "5"], "in fold ", signal.SIGINT),
+                                                  (["--folds", "5"], "in fold ", signal.SIGTERM)])
+def test_ctrl_c_in_the_head_phase_says_how_far_it_got_and_writes_nothing(tmp_path, tiny, flags, progress, sig):
     data = write_csv(tmp_path / "train.csv", n=400)
     base = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(tmp_path / "cache")]
     train.main(train.parse_args(base + ["--epochs", "1"]), log=lambda *_: None)  # the vectors are cached
@@ -143,8 +151,84 @@ def test_ctrl_c_in_the_head_phase_says_how_far_it_got_and_writes_nothing(tmp_pat
     for line in proc.stdout:  # into the head phase: the second fold or the second trial
         if line.startswith(("fold 1", "trial   1")):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    assert err.startswith("interrupted: ") and progress in err and "no checkpoint was written" in err, err
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err  # 130 for Ctrl-C, 143 for SIGTERM
+    said = "interrupted: " if sig == signal.SIGINT else "terminated (SIGTERM): "
+    assert err.startswith(said) and progress in err and "no checkpoint was written" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def disk_full_at(n):
+    """A stand-in for safetensors' save_file whose n-th call (and every later one) finds the disk
+    full, raising as safetensors does; the earlier calls write for real."""
+    calls = []
+
+    def save_file(tensors, filename, *args, **kw):
+        calls.append(filename)
+        if len(calls) >= n:
+            with open(filename, "wb") as f:  # half a file, as a real full disk leaves
+                f.write(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save_file(tensors, filename, *args, **kw)
+    return save_file
+
+
+def leftovers(folder):
+    return [p for p in folder.rglob(".*") if p.name.startswith((".chunk", ".spec", ".out", ".sub"))]
+
+
+def test_a_full_disk_while_embedding_is_one_line_and_the_rerun_resumes(tmp_path, tiny, monkeypatch):
+    data = write_csv(tmp_path / "train.csv", n=200)
+    cache = tmp_path / "cache"
+    argv = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(cache), "--batch-size", "20",
+            "--cache-seconds", "1e-9", "--epochs", "1", "--hidden", "8", "8", "--quiet", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(embed_cache, "save_file", disk_full_at(4))  # 3 chunks written, then the disk is full
+    message = cli_error(train, argv)
+    assert message.startswith(f"error: {next(cache.iterdir())}: no space left on the disk while writing chunk-")
+    assert re.search(r"MB free there\); nothing half-written was kept\. 60 of the \d+ vectors to compute are "
+                     r"cached; the other \d+ need [\d.]+ MB more: free that much and run again to resume$", message)
+    assert not leftovers(tmp_path) and not (tmp_path / "out").exists()
+    monkeypatch.setattr(embed_cache, "save_file", real_save_file)  # space freed
+    logs = []
+    train.main(train.parse_args(argv), log=logs.append)
+    cached, computed = embedded(next(line for line in logs if "cached" in line))
+    assert computed == 198 - 60 and cached >= 60 and (tmp_path / "out").exists()  # 198 distinct texts in 200 rows
+
+
+def test_a_full_disk_at_compaction_keeps_the_chunks(tmp_path, tiny, monkeypatch):
+    texts = [f"text {i}" for i in range(40)]
+    kw = dict(cache_dir=tmp_path, progress=False, chunk_seconds=1e-9, batch_size=4, **PINNED_KW)
+    merged = disk_full_at(11)  # the 10 chunks are written; the merged file finds the disk full
+    monkeypatch.setattr(embed_cache, "save_file", merged)
+    logs = []
+    vectors = embed_cache.embed(texts, str(tiny), log=logs.append, **kw)[None]
+    assert any(line.startswith("warning: ") and "no space left" in line and "keeps its chunk files" in line
+               for line in logs)
+    assert len(chunk_files(tmp_path)) == 10 and not leftovers(tmp_path)
+    monkeypatch.setattr(embed_cache, "save_file", real_save_file)
+    again = embed_cache.embed(texts, str(tiny), log=lambda *_: None, **kw)[None]
+    assert torch.equal(vectors, again) and len(chunk_files(tmp_path)) == 1  # merged once there is room
+
+
+def test_a_full_disk_at_the_checkpoint_and_the_submission(tmp_path, tiny, monkeypatch):
+    data = write_csv(tmp_path / "train.csv")
+    argv = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+            "--hidden", "8", "8", "--quiet", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(mlp_head, "save_file", disk_full_at(1))
+    message = cli_error(train, argv)
+    assert message.startswith(f"error: --out {tmp_path / 'out'}: {tmp_path}: no space left on the disk while writing "
+                              f"out (") and "the checkpoint needs about" in message and "a rerun goes straight" in message
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+    monkeypatch.setattr(mlp_head, "save_file", real_save_file)
+    train.main(train.parse_args(argv), log=lambda *_: None)
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(evaluate.csv, "writer", full)
+    message = cli_error(evaluate, ["--checkpoint", str(tmp_path / "out"), "--data", str(data), "--device", "cpu",
+                                   "--cache-dir", str(tmp_path / "cache"), "--quiet", "--out", str(tmp_path / "sub.csv")])
+    assert "no space left on the disk while writing sub.csv" in message and "a rerun only predicts" in message
+    assert not (tmp_path / "sub.csv").exists() and not leftovers(tmp_path)

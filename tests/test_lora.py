@@ -96,6 +96,7 @@ def test_train_save_load_evaluate_round_trip(tmp_path, tiny):
     res = train.main(train.parse_args(argv), log=logs.append)
     assert res["lora_trainable_params"] == 2 * 4 * ((64 + 4 * 32) + (64 + 2 * 32) + (64 + 96))
     assert any("vectors are not cached" in line for line in logs)
+    assert f"best epoch {res['best_epoch']}: val MAP@3 {res['val_map3']:.4f}, val acc {res['val_acc']:.4f}" in logs[-2]
     assert not (tmp_path / "cache").exists()
     again = train.main(train.parse_args(argv[:-2]), log=lambda *_: None)
     assert again["val_map3"] == res["val_map3"] and again["val_loss"] == res["val_loss"]  # same seed, same run

@@ -1,5 +1,7 @@
 """Bad input, interruptions, corrupt caches, NaN, no pickle, and property-based tests."""
 
+import ast
+import csv
 import json
 import os
 import re
@@ -19,7 +21,7 @@ import embed_cache
 import evaluate
 import train
 from data import read_csv, render
-from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, embedded, write_csv
+from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, count_forward_passes, embedded, write_csv
 
 @pytest.fixture()
 def run(tmp_path, tiny):
@@ -166,6 +168,31 @@ def test_killed_run_resumes_with_fewer_forward_passes(tmp_path, tiny):
     assert not list(cache.glob("*/chunk-*[!s]"))  # only complete .safetensors chunks under their real names
 
 
+def test_sigterm_writes_what_was_computed_and_the_rerun_ends_the_same(tmp_path, tiny):
+    """SIGTERM (Slurm's time limit, docker stop, a notebook ending) is Ctrl-C: pending vectors
+    written, one line, exit 143; the rerun computes only the rest and writes the same submission."""
+    data = write_csv(tmp_path / "big.csv", n=1500)
+    cache = tmp_path / "cache"
+    argv = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(cache), "--cache-chunk", "100",
+            "--epochs", "1", "--hidden", "8", "8", "--quiet"]
+    out, err, code = start_and_stop(argv + ["--out", str(tmp_path / "a")], cache, signal.SIGTERM, 1)
+    assert code == 143 and err.startswith("terminated (SIGTERM): the vectors computed so far are cached") and (
+        "Traceback" not in err), err
+    done = len(cached_keys(cache))
+    logs = []
+    train.main(train.parse_args(argv + ["--out", str(tmp_path / "a")]), log=logs.append)
+    cached, computed = embedded(next(line for line in logs if "cached" in line))
+    assert cached >= done > 0 and computed < 1500
+    train.main(train.parse_args(replace(argv, "--cache-dir", str(tmp_path / "fresh")) + ["--out", str(tmp_path / "b")]),
+               log=lambda *_: None)  # the same run, never interrupted, on a cache of its own
+    subs = []
+    for run in ("a", "b"):
+        evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / run), "--data", str(data), "--device", "cpu",
+                                           "--cache-dir", str(cache), "--quiet", "--out", str(tmp_path / f"{run}.csv")]))
+        subs.append((tmp_path / f"{run}.csv").read_text())
+    assert subs[0] == subs[1]
+
+
 def test_corrupt_cache_chunks_are_recomputed(tmp_path, tiny):
     texts = [f"text number {i}" for i in range(30)]
     kw = dict(cache_dir=tmp_path / "c", chunk_size=10, batch_size=10, progress=False, **PINNED_KW)
@@ -229,6 +256,54 @@ def test_no_pickle_and_no_remote_code_in_the_product():
         for forbidden in (r"torch\.load", r"import pickle|pickle\.load", r"trust_remote_code", r"np\.load", r"numpy\.load",
                           r"(?<![.\w])eval\(", r"(?<![.\w])exec\("):
             assert not re.search(forbidden, source), f"{file.name} uses {forbidden}"
+
+
+PRODUCT = ["qwen_embed.py", "weights.py", "runtime.py", "embed_cache.py", "data.py", "mlp_head.py", "lora.py",
+           "train.py", "evaluate.py", "random_checkpoint.py"]
+
+
+def test_requirements_list_every_package_the_product_imports():
+    """Every import of the product that is neither the standard library nor one of its own files is
+    a package of requirements.txt (by its import name), and the product imports no test reference."""
+    local = {f.stem for f in ROOT.glob("*.py")}
+    imported = set()
+    for name in PRODUCT:
+        for node in ast.walk(ast.parse((ROOT / name).read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - local
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    required = {re.split(r"[<>=!~ \[]", line)[0].lower().replace("-", "_") for line in lines if line}
+    # numpy is never imported by name: torch needs it for Tensor.numpy(), which the cache calls.
+    assert third_party | {"numpy"} == required, (sorted(third_party), sorted(required))
+    assert not third_party & {"transformers", "sentence_transformers", "peft", "matplotlib"}
+
+
+def test_a_field_longer_than_pythons_csv_limit_is_read(tmp_path):
+    long = "seven eighths " * 20_000  # 280,000 characters: one long document
+    data = tmp_path / "long.csv"
+    data.write_text(f"row_id,Text,Label\n1,\"{long}\",a\n2,short,b\n", encoding="utf-8")
+    columns, rows = read_csv(data)
+    assert rows[0]["Text"] == long and render("{Text}", rows) == [long, "short"]
+
+
+@pytest.mark.parametrize("questions, message", [
+    (3, "--folds 5: only 3 groups in --group-col"),
+    (1, "--folds 5: only 1 groups in --group-col")])
+def test_fold_and_group_checks_come_before_any_work_and_name_the_flag_given(tmp_path, tiny, monkeypatch, questions,
+                                                                            message):
+    columns, rows = read_csv(write_csv(tmp_path / "six.csv", n=30))  # 6 questions
+    data = tmp_path / "train.csv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows({**row, "QuestionId": int(row["QuestionId"]) % questions} for row in rows)
+    calls = count_forward_passes(monkeypatch)
+    error = cli_error(train, ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(tmp_path / "c"),
+                              "--folds", "5", "--group-col", "QuestionId", "--quiet"])
+    assert error == f"error: {message}" and not calls
 
 
 # ----------------------------------------------------------------------------- properties
