@@ -1,6 +1,9 @@
-"""Research flags: --layer-sweep, --compare-pooling, --sweep, fold ensembles, --map-correct."""
+"""Research flags: --layer-sweep, --compare-pooling, --sweep, fold ensembles, --map-correct, and the
+history and tables each run keeps in --out."""
 
+import csv
 import json
+import re
 
 import pytest
 import torch
@@ -114,3 +117,52 @@ def test_map_correct_flag_reaches_evaluation(tmp_path, base, monkeypatch):
                                        "--cache-dir", base[5], "--quiet", "--device", "cpu"]))
     assert meta["embedding"]["correct_answers"]["100"] == r"\( \frac{1}{3} \)"
     assert [t.rsplit("? ", 1)[1] for t in embedded] == ["yes", "no", "no"]
+
+
+# ----------------------------------------------------------------------------- what a run keeps
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+EPOCH_LINE = re.compile(r"^(?:fold (\d+)  )?epoch +(\d+)/\d+  train loss ([\d.]+)  val loss ([\d.]+)  val acc ([\d.]+)  "
+                        r"val MAP@3 ([\d.]+)  ")
+
+
+def test_history_rows_are_the_epoch_log_lines(tmp_path, base):
+    for flags in ([], ["--folds", "3"]):
+        logs = []
+        out = tmp_path / f"run{len(flags)}"
+        train.main(train.parse_args(base + ["--epochs", "3", "--out", str(out)] + flags), log=logs.append)
+        logged = [m.groups() for m in map(EPOCH_LINE.match, logs) if m]
+        rows = read_rows(out / "history.csv")
+        assert len(logged) == len(rows) == (3 if not flags else 9)
+        for (fold, epoch, train_loss, val_loss, val_acc, val_map3), row in zip(logged, rows):
+            assert (fold or "") == row.get("fold", "") and epoch == row["epoch"]
+            for text, key in ((train_loss, "train_loss"), (val_loss, "val_loss"), (val_acc, "val_acc"),
+                              (val_map3, "val_map3")):
+                assert text == f"{float(row[key]):.4f}", key
+            assert float(row["lr_head"]) > 0 and float(row["seconds"]) > 0
+    folds = read_rows(tmp_path / "run2" / "folds.csv")
+    res = json.loads((tmp_path / "run2" / "meta.json").read_text())
+    assert [float(r["val_map3"]) for r in folds] == res["fold_map3"]
+
+
+def test_sweep_and_layer_sweep_tables_round_trip(tmp_path, base):
+    logs = []
+    res = train.main(train.parse_args(base + ["--sweep", "3"]), log=logs.append)
+    assert any(line.startswith("no --out: the tables and per-epoch history of this run are printed, not saved")
+               for line in logs)
+    res = train.main(train.parse_args(base + ["--sweep", "3", "--out", str(tmp_path / "sweep")]), log=lambda *_: None)
+    sweep = read_rows(tmp_path / "sweep" / "sweep.csv")
+    assert [(int(r["trial"]), float(r["val_map3"])) for r in sweep] == [(t, m) for t, m, _ in res["sweep"]]
+    assert [r["hidden"] for r in sweep] == ["x".join(map(str, c["hidden"])) for _, _, c in res["sweep"]]
+    assert {r["trial"] for r in read_rows(tmp_path / "sweep" / "history.csv")} == {"0", "1", "2"}
+    res = train.main(train.parse_args(base + ["--layer-sweep", "--out", str(tmp_path / "layers")]),
+                     log=lambda *_: None)
+    table = read_rows(tmp_path / "layers" / "layer_sweep.csv")
+    assert [(r["pooling"], r["layer"], f"{float(r['val_map3']):.4f}", f"{float(r['val_acc']):.4f}", int(r["best_epoch"]))
+            for r in table] == [(p, "final" if name == "final (normed)" else name, m, a, e)
+                                for p, name, m, a, e, _ in res["table"]]
+    assert json.loads((tmp_path / "layers" / "args.json").read_text())["layer_sweep"] is True
