@@ -108,6 +108,7 @@ def plot_sweep(fig, runs):
     """Val MAP@3 of every trial against each hyperparameter the sweep draws."""
     axes = fig.subplots(2, 3).flatten()
     for axis, (key, label, log_scale) in zip(axes, SWEPT):
+        axis.set_xscale("log" if log_scale else "linear")  # first: setting a scale resets the ticks
         for i, run in enumerate(runs):
             rows = run["tables"]["sweep.csv"]
             values = [r[key] for r in rows]
@@ -118,7 +119,7 @@ def plot_sweep(fig, runs):
             else:
                 x = [float(v) for v in values]
             axis.scatter(x, [float(r["val_map3"]) for r in rows], s=18, color=f"C{i}", alpha=0.8, label=run["name"])
-        axis.set(xlabel=label, ylabel="validation MAP@3", xscale="log" if log_scale else "linear")
+        axis.set(xlabel=label, ylabel="validation MAP@3")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
 

@@ -111,7 +111,8 @@ def host_available():
 def memory_budget(device, max_memory_gb=None):
     """(bytes, how it was found) this process may fill on device: --max-memory if given; else free
     GPU memory on CUDA, the recommended working set on MPS, available RAM on the host. Under
-    torchrun the ranks of a node share it (each holds its own copy of the model)."""
+    torchrun the ranks of a node share the host's RAM or the Mac's memory (each holds its own copy
+    of the model); on CUDA each rank has its own GPU."""
     if max_memory_gb is not None:
         if max_memory_gb <= 0:
             raise ValueError(f"--max-memory must be positive, got {max_memory_gb}")
@@ -124,7 +125,7 @@ def memory_budget(device, max_memory_gb=None):
     else:
         free, where = host_available(), "this machine has {} of RAM available"
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if ranks > 1:
+    if ranks > 1 and device.type != "cuda":  # on CUDA each rank has a GPU of its own
         free, where = free // ranks, where + f", shared by {ranks} processes"
     return free, where.format(f"{free / GB:.1f} GB")
 

@@ -353,6 +353,7 @@ def test_memory_budget_follows_the_device_and_the_ranks(monkeypatch):
     assert runtime.memory_budget(torch.device("cpu")) == (
         6_000_000_000, "this machine has 6.0 GB of RAM available, shared by 4 processes")
     assert runtime.memory_budget(torch.device("cpu"), 14) == (14_000_000_000, "--max-memory 14")
+    assert runtime.memory_budget(torch.device("cuda")) == (6_000_000_000, "cuda has 6.0 GB free")  # a GPU per rank
 
 
 # ----------------------------------------------------------------------------- dtype and device
