@@ -470,6 +470,11 @@ def missing(caches, text_key, dim):
     return list(first.values()), len(lacking)
 
 
+def size(n_bytes):
+    """Bytes for a person: MB under a GB, GB above."""
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes < runtime.GB else f"{n_bytes / runtime.GB:.2f} GB"
+
+
 def say_size(n_todo, n_texts, caches, dim, cache_dir, model_bytes, log):
     """One line on what the run will write and hold, before any work; a disk that cannot take it
     is a one-line error."""
@@ -479,10 +484,10 @@ def say_size(n_todo, n_texts, caches, dim, cache_dir, model_bytes, log):
         where = where.parent
     free = shutil.disk_usage(where).free
     if disk > free:
-        raise ValueError(f"--cache-dir {cache_dir}: the vectors need {disk / runtime.GB:.2f} GB ({n_todo} texts x "
-                         f"{len(caches)} (pooling, layer) x {dim} x 4 B) and the disk has {free / runtime.GB:.2f} GB free")
+        raise ValueError(f"--cache-dir {cache_dir}: the vectors need {size(disk)} ({n_todo} texts x "
+                         f"{len(caches)} (pooling, layer) x {dim} x 4 B) and the disk has {size(free)} free")
     pending = min(PENDING_BYTES, n_todo * len(caches) * dim * 4)
-    log(f"cache: {n_todo} texts x {len(caches)} (pooling, layer) x {dim} x 4 B = {disk / runtime.GB:.2f} GB on disk; "
+    log(f"cache: {n_todo} texts x {len(caches)} (pooling, layer) x {dim} x 4 B = {size(disk)} on disk; "
         f"memory while embedding about {(model_bytes + pending) / runtime.GB:.1f} GB (the model and a batch, "
         f"{pending / runtime.GB:.2f} GB of vectors before each write); after it, "
         f"{n_texts * dim * 4 / runtime.GB:.2f} GB per (pooling, layer) loaded")

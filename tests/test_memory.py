@@ -48,7 +48,7 @@ def test_layer_sweep_one_pass_and_one_layer_in_memory_at_a_time(base, monkeypatc
     assert len(calls) == 1  # 48 texts in one batch: ONE forward pass for both poolings and all 5 layers
     assert len(alive) == 2 * 5 and max(alive) <= 1  # never more than two layers' vectors alive
     size = next(line for line in logs if line.startswith("cache: "))
-    assert size.startswith("cache: 48 texts x 10 (pooling, layer) x 64 x 4 B = 0.00 GB on disk")
+    assert size.startswith("cache: 48 texts x 10 (pooling, layer) x 64 x 4 B = 0.1 MB on disk")  # 48 x 10 x (256 + 32) B
     assert logs.index(size) < next(i for i, line in enumerate(logs) if line.startswith("embeddings: 10 x (48, 64)"))
 
 
