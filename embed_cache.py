@@ -351,12 +351,13 @@ def embed(texts, model, *, pooling="last", layers=(None,), **kw):
 def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instruction=None, max_length=8192, dim=None,
                   device=None, dtype=None, quantize="auto", max_memory=None, batch_size=None, max_batch_tokens=None,
                   compile=None, cache_dir=".cache/embeddings", chunk_size=1024, chunk_seconds=15, progress=True,
-                  fidelity_texts=64, log=print, ids=None):
+                  fidelity_texts=64, eos=True, log=print, ids=None):
     """Put every (pooling, layer) vector of every text in the cache, computing the missing ones in
     ONE forward pass, and return {(pooling, layer): Vectors}: handles that read one matrix each.
 
     layers: None = the final normed output, else layer indexes as in Qwen3Embedder.encode.
-    ids: a name per text (row ids) for error messages. quantize is decided here, once, for the run
+    ids: a name per text (row ids) for error messages. eos=False: no EOS appended (tokenize's
+    append_eos), a spec of its own. quantize is decided here, once, for the run
     (weights.choose_format); with int8 or int4, fidelity_texts of the texts embedded are measured
     against the weights as shipped (measure_fidelity), and the figures kept in the cache's
     spec.json. Under torchrun every rank embeds a share of
@@ -384,6 +385,7 @@ def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instructi
             "max_length": max_length, "dim": dim, "dtype": runtime.dtype_name(dtype)}
     # as shipped keeps the caches of before int8; int8 is named with its group (per-row int8 came before)
     base.update({"weights": f"{fmt}-g{weights.GROUP}"} if fmt != "none" else {})
+    base.update({} if eos else {"eos": False})  # with EOS, the caches of before --no-eos stay valid
     caches = {(p, k): Cache(cache_dir, {**base, "pooling": p, "layer": k}) for p in poolings for k in dict.fromkeys(keys)}
     D = dim or config.hidden_size
     text_key = [bytes(k) for k in text_keys(texts).numpy()]
@@ -403,7 +405,7 @@ def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instructi
                         lambda bad: [ids[i] if ids else i for i, t in enumerate(texts) if t in bad], log, progress,
                         instruction=instruction, max_length=max_length, batch_size=batch_size,
                         max_batch_tokens=max_batch_tokens, chunk_size=chunk_size, chunk_seconds=chunk_seconds,
-                        fidelity_texts=fidelity_texts * (fmt != "none") * (rank == 0))
+                        fidelity_texts=fidelity_texts * (fmt != "none") * (rank == 0), eos=eos)
         for cache in caches.values() if found else ():
             cache.note({"fidelity": found})
         del embedder  # the model's memory is free before anything reads the vectors
@@ -428,12 +430,12 @@ def measure_fidelity(embedder, texts, log, vectors=None, **spec):
     """Per-text cosine between the quantized embedder's vectors of texts (vectors, if the run has
     computed them already, else encoded here) and the weights as shipped (Qwen3Embedder.reference),
     one line saying what it found, a warning below FIDELITY_WARN. spec: instruction, max_length,
-    pooling, layer, dim. Returns {"format", "texts", "min", "mean", "seconds"}."""
+    pooling, layer, dim, append_eos. Returns {"format", "texts", "min", "mean", "seconds"}."""
     t0 = time.time()
     if vectors is None:
         vectors = embedder.encode(texts, spec.get("instruction"), max_length=spec.get("max_length", 8192),
                                   dim=spec.get("dim"), pooling=spec.get("pooling", "last"), progress=False,
-                                  layers=[spec.get("layer")])[spec.get("layer")]
+                                  layers=[spec.get("layer")], append_eos=spec.get("append_eos", True))[spec.get("layer")]
     cos = (vectors * embedder.reference(texts, **spec)).sum(-1)
     found = {"format": embedder.weight_format, "texts": len(texts), "min": round(cos.min().item(), 5),
              "mean": round(cos.mean().item(), 5), "seconds": round(time.time() - t0, 1)}
@@ -494,12 +496,12 @@ def say_size(n_todo, n_texts, caches, dim, cache_dir, model_bytes, log):
 
 
 def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progress, *, instruction, max_length,
-            batch_size, max_batch_tokens, chunk_size, chunk_seconds, fidelity_texts=0):
+            batch_size, max_batch_tokens, chunk_size, chunk_seconds, fidelity_texts=0, eos=True):
     """Embed texts (this rank's share of them) in one pass for every cache's (pooling, layer),
     writing chunks as it goes. keys: their text keys; rows_of(texts) names the rows holding them.
     fidelity_texts: measure that many of the vectors just computed against the weights as shipped
     (measure_fidelity) and return its figures (else None)."""
-    tokens = embedder.tokenize(texts, instruction, max_length)  # once: the shares and the batches use it
+    tokens = embedder.tokenize(texts, instruction, max_length, eos)  # once: the shares and the batches use it
     mine = balance([len(t) for t in tokens], world)[rank] if world > 1 else list(range(len(texts)))
     writer = ChunkWriter(caches, torch.tensor([list(keys[j]) for j in mine], dtype=torch.uint8).reshape(-1, 32),
                          dim, chunk_size, chunk_seconds)
@@ -540,5 +542,6 @@ def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progr
     if sample:
         return measure_fidelity(embedder, [texts[mine[i]] for i in sample], log, torch.stack([kept[i] for i in sample]),
                                 instruction=instruction, max_length=max_length, pooling=first[0], layer=first[1],
+                                append_eos=eos,
                                 dim=dim if dim != embedder.dim else None)
     return None

@@ -56,7 +56,8 @@ def lora_vectors(args, meta, texts, dtype, quantize):
     if embedder.weight_format != "none" and args.fidelity_texts:
         sample = [texts[i] for i in embed_cache.fidelity_sample(len(texts), args.fidelity_texts)]
         embed_cache.measure_fidelity(embedder, sample, print, instruction=spec["instruction"],
-                                     max_length=spec["max_length"], pooling=spec["pooling"], dim=spec["dim"])
+                                     max_length=spec["max_length"], pooling=spec["pooling"], dim=spec["dim"],
+                                     append_eos=spec.get("eos", True))
     add_lora(embedder.model, lora["rank"], lora["alpha"], lora["targets"], lora["layers"])
     file = Path(args.checkpoint) / lora["file"]
     if not file.is_file():
@@ -67,7 +68,8 @@ def lora_vectors(args, meta, texts, dtype, quantize):
           f"in {spec['model']}; vectors are not cached")
     return embedder.encode(texts, instruction=spec["instruction"], batch_size=args.batch_size,
                            max_length=spec["max_length"], dim=spec["dim"], pooling=spec["pooling"],
-                           max_batch_tokens=args.max_batch_tokens, progress=not args.quiet)
+                           max_batch_tokens=args.max_batch_tokens, progress=not args.quiet,
+                           append_eos=spec.get("eos", True))
 
 
 def load_texts(args, spec):
@@ -94,7 +96,8 @@ def main(args):
     else:
         stored = embed_cache.ensure_cached(
             texts, spec["model"], poolings=(spec["pooling"],), layers=(spec["layer"],), instruction=spec["instruction"],
-            max_length=spec["max_length"], dim=spec["dim"], dtype=dtype, **embed_cache.run_options(args, quantize),
+            max_length=spec["max_length"], dim=spec["dim"], dtype=dtype, eos=spec.get("eos", True),
+            **embed_cache.run_options(args, quantize),
             ids=[row[spec["id_col"]] for row in rows])
         if stored is None:  # a torchrun rank other than 0: its share is embedded and cached
             return None

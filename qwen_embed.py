@@ -318,6 +318,7 @@ def load_tokenizer(folder):
         raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
     tokenizer.no_truncation()  # we truncate ourselves, keeping EOS last
     tokenizer.no_padding()     # and pack instead of padding
+    tokenizer.encode_special_tokens = True  # a "<|endoftext|>" written in a text is text (tokenize)
     return tokenizer
 
 
@@ -399,17 +400,24 @@ class Qwen3Embedder:
     def dim(self):
         return self.model.config.hidden_size
 
-    def tokenize(self, texts, instruction=None, max_length=8192):
-        """Token ids per text, each ending with exactly one EOS, at most max_length long.
+    def tokenize(self, texts, instruction=None, max_length=8192, append_eos=True):
+        """Token ids per text, at most max_length long, each ending with exactly one EOS.
 
         The Qwen3-Embedding tokenizer appends EOS in its post-processor and plain Qwen3 LLM
         tokenizers do not; we encode without special tokens and append it ourselves, so both give
-        the same ids, and truncation keeps the EOS whose hidden state becomes the embedding.
+        the same ids, and truncation keeps the EOS whose hidden state becomes the embedding. A
+        text is data, not control: special tokens written in it (a literal "<|endoftext|>") are
+        tokenized as the plain text they are, never as the special token (as transformers does
+        with split_special_tokens=True; by default it would parse them, and a text would hold an
+        EOS before its end). append_eos=False embeds the text's own tokens alone, as llama.cpp
+        does for a plain Qwen3 LLM (its GGUF sets add_eos_token false): "last" pooling then
+        takes the last real token.
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a list of strings")
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (one text token and EOS), got {max_length}")
+        if max_length < 1 + append_eos:
+            raise ValueError(f"max_length must be >= {1 + append_eos} (one text token{' and EOS' * append_eos}), "
+                             f"got {max_length}")
         if instruction is not None:  # exactly the official Qwen3-Embedding query format
             texts = [f"Instruct: {instruction}\nQuery:{t}" for t in texts]
         try:
@@ -417,10 +425,16 @@ class Qwen3Embedder:
         except TypeError:  # the only str the tokenizer rejects: a lone surrogate, not valid Unicode text
             bad = [i for i, t in enumerate(texts) if not t.encode("utf-8", "ignore").decode() == t]
             raise ValueError(f"texts {bad[:20]} are not valid Unicode (lone surrogates)") from None
-        return [e.ids[: max_length - 1] + [self.eos_id] for e in encoded]
+        if append_eos:
+            return [e.ids[: max_length - 1] + [self.eos_id] for e in encoded]
+        empty = [i for i, e in enumerate(encoded) if not e.ids]
+        if empty:
+            raise ValueError(f"texts {empty[:20]} are empty: without EOS (--no-eos) an empty text has no token to embed")
+        return [e.ids[:max_length] for e in encoded]
 
     def encode(self, texts, instruction=None, batch_size=None, max_length=8192, dim=None,
-               normalize=True, progress=True, pooling="last", max_batch_tokens=None, layers=None):
+               normalize=True, progress=True, pooling="last", max_batch_tokens=None, layers=None,
+               append_eos=True):
         """Embed texts: a float32 (len(texts), D) CPU tensor, row i for texts[i].
 
         pooling: "last" (the EOS token's state, what Qwen3-Embedding is trained for) or "mean".
@@ -431,7 +445,7 @@ class Qwen3Embedder:
         batch_size, max_batch_tokens: at most this many texts and tokens per forward pass. None:
         no limit on texts, and tokens by runtime.default_batch_tokens (the device and the model).
         """
-        ids = self.tokenize(texts, instruction, max_length)
+        ids = self.tokenize(texts, instruction, max_length, append_eos)
         keys = [(pooling, key) for key in self.layer_keys([None] if layers is None else layers)]
         batches = self.stream(ids, keys, dim, normalize, batch_size, max_batch_tokens, tqdm.write if progress else None)
         out = {key: torch.empty(len(texts), dim or self.dim) for key in keys}
@@ -442,22 +456,23 @@ class Qwen3Embedder:
                 bar.update(len(batch))
         return out[keys[0]] if layers is None else {layer: out[key] for layer, key in zip(layers, keys)}
 
-    def reference(self, texts, instruction=None, max_length=8192, pooling="last", layer=None, dim=None):
+    def reference(self, texts, instruction=None, max_length=8192, pooling="last", layer=None, dim=None,
+                  append_eos=True):
         """What encode would return with the weights as shipped (L2-normed), computed with them
         streamed from the checkpoint one block at a time (streamed_states), in this model's compute
         dtype: the yardstick of a quantized model, at the memory of one block more."""
-        ids = self.tokenize(texts, instruction, max_length)
+        ids = self.tokenize(texts, instruction, max_length, append_eos)
         key = self.layer_keys([layer])[0]
         h = streamed_states(self.folder, self.model.config, ids, self.device, self.dtype, key,
                             runtime.default_batch_tokens(self.model.config, self.device, self.dtype))
         return self.pool(h, torch.tensor([len(i) for i in ids]), pooling, dim, True).cpu()
 
-    def fidelity(self, texts, instruction=None, max_length=8192, pooling="last", layer=None):
+    def fidelity(self, texts, instruction=None, max_length=8192, pooling="last", layer=None, append_eos=True):
         """Per-text cosine between this model's vectors and the weights as shipped' (reference):
         what quantization costs on these texts. A (len(texts),) float32 tensor; ones as shipped."""
         ours = self.encode(texts, instruction, max_length=max_length, pooling=pooling, progress=False,
-                           layers=[layer])[layer]
-        return (ours * self.reference(texts, instruction, max_length, pooling, layer)).sum(-1)
+                           layers=[layer], append_eos=append_eos)[layer]
+        return (ours * self.reference(texts, instruction, max_length, pooling, layer, None, append_eos)).sum(-1)
 
     def layer_keys(self, layers):
         """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers."""

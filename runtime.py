@@ -117,15 +117,16 @@ def memory_budget(device, max_memory_gb=None):
         if max_memory_gb <= 0:
             raise ValueError(f"--max-memory must be positive, got {max_memory_gb}")
         return int(max_memory_gb * GB), f"--max-memory {max_memory_gb:g}"
-    if device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(device)[0], f"{device} has {{}} free"
-    elif device.type == "mps":
+    backend = getattr(torch, device.type, None)
+    if device.type == "mps":
         free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
         where = "mps has {} of its recommended working set free"
+    elif hasattr(backend, "mem_get_info"):  # CUDA, and the other accelerators that say (xpu, ...)
+        free, where = backend.mem_get_info(device)[0], f"{device} has {{}} free"
     else:
         free, where = host_available(), "this machine has {} of RAM available"
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if ranks > 1 and device.type != "cuda":  # on CUDA each rank has a GPU of its own
+    if ranks > 1 and device.type in ("cpu", "mps"):  # on an accelerator each rank has one of its own
         free, where = free // ranks, where + f", shared by {ranks} processes"
     return free, where.format(f"{free / GB:.1f} GB")
 
@@ -169,8 +170,8 @@ def default_batch_tokens(config, device, dtype, keep_layers=False):
 
     Not CUDA: 2048, the fastest measured on a 2-core CPU (larger batches fall out of cache: 16384 was
     25-35% slower); with keep_layers (every layer's state kept until pooling) fewer, so that the kept
-    states stay under 256 MiB. CUDA: as many as fit in a third of the free memory (budget, default
-    torch.cuda.mem_get_info), counting one layer's live activations per token (activation_bytes;
+    states stay under 256 MiB. CUDA: as many as fit in a third of the free GPU memory
+    (torch.cuda.mem_get_info), counting one layer's live activations per token (activation_bytes;
     with keep_layers, every layer's output too), between 1024 and 65536: a GPU
     needs tens of thousands of tokens per matmul to be busy, and texts are sorted by length, so a
     big batch costs no extra padding."""

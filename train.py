@@ -143,7 +143,8 @@ def train_lora(args, texts, y, tr, va, labels, log=print):
     if embedder.weight_format != "none" and args.fidelity_texts:
         sample = [texts[i] for i in embed_cache.fidelity_sample(len(texts), args.fidelity_texts)]
         fidelity = embed_cache.measure_fidelity(embedder, sample, log, instruction=args.instruction,
-                                                max_length=args.max_length, pooling=args.pooling, dim=args.dim)
+                                                max_length=args.max_length, pooling=args.pooling, dim=args.dim,
+                                                append_eos=not args.no_eos)
     model, head_device = embedder.model, pick_device(args.head_device or embedder.device)
     torch.manual_seed(args.seed)  # same seed: same adapters, head, batches, dropout
     lora = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), args.lora_layers)
@@ -157,7 +158,7 @@ def train_lora(args, texts, y, tr, va, labels, log=print):
         f"{args.lora_layers or len(model.layers)} of {len(model.layers)} blocks: {n_params:,} trainable parameters "
         f"(the model has {sum(math.prod(shape) for shape, _ in checkpoint_tensors(embedder.folder).values()):,}); "
         "vectors are not cached")
-    ids = embedder.tokenize(texts, args.instruction, args.max_length)
+    ids = embedder.tokenize(texts, args.instruction, args.max_length, not args.no_eos)
 
     def batch_loss(idx):  # the model with gradients on these texts, pooled and L2-normed like the cache's vectors
         rows = tr[idx].tolist()
@@ -170,7 +171,8 @@ def train_lora(args, texts, y, tr, va, labels, log=print):
         if not len(va):
             return None
         x_va = embedder.encode([texts[i] for i in va.tolist()], instruction=args.instruction,
-                               max_length=args.max_length, dim=args.dim, pooling=args.pooling, progress=False)
+                               max_length=args.max_length, dim=args.dim, pooling=args.pooling, progress=False,
+                               append_eos=not args.no_eos)
         return evaluate_head(head, x_va, y[va], labels)
 
     def snapshot():
@@ -197,8 +199,9 @@ def interrupted(progress):
 
 
 def check_flags(args):
-    if args.max_length < 2:
-        raise ValueError(f"--max-length must be at least 2 (one text token and EOS), got {args.max_length}")
+    if args.max_length < 2 - args.no_eos:
+        raise ValueError(f"--max-length must be at least {2 - args.no_eos} (one text token"
+                         f"{'' if args.no_eos else ' and EOS'}), got {args.max_length}")
     if args.dim is not None and args.dim < 1:
         raise ValueError(f"--dim must be positive, got {args.dim}")
     if not 0 <= args.val_frac < 1:
@@ -249,7 +252,7 @@ def cache_vectors(args, data, log, poolings=None, layers=None):
     t0 = time.time()
     stored = embed_cache.ensure_cached(
         data["texts"], args.model, poolings=poolings or (args.pooling,), layers=layers or (args.layer,),
-        instruction=args.instruction, max_length=args.max_length, dim=args.dim, dtype=args.dtype,
+        instruction=args.instruction, max_length=args.max_length, dim=args.dim, dtype=args.dtype, eos=not args.no_eos,
         **embed_cache.run_options(args), log=log, ids=[row[args.id_col] for row in data["rows"]])
     if stored is not None:
         log(f"embeddings: {len(stored)} x ({len(data['texts'])}, {next(iter(stored.values())).dim}) "
@@ -486,7 +489,8 @@ def main(args, log=print):
                      "pooling": args.pooling, "dim": args.dim, "layer": args.layer,
                      "dtype": dtype if isinstance(dtype, str) else dtype_name(dtype), "weights": weight_format,
                      "text_template": data["template"], "label_cols": args.label_cols.split(","),
-                     "id_col": args.id_col, "correct_answers": data["correct_answers"], "fidelity": fidelity}
+                     "id_col": args.id_col, "correct_answers": data["correct_answers"], "fidelity": fidelity,
+                     "eos": not args.no_eos}
         save_run(args, data, labels, fitted, results, embedding, log)
     return results
 
@@ -511,6 +515,9 @@ def parse_args(argv=None):
     e.add_argument("--instruction", default=None, help="Qwen3-Embedding instruction ('Instruct: ...\\nQuery:' prefix); "
                    "None: the text alone")
     e.add_argument("--max-length", type=int, default=512, help="tokens per text, EOS included")
+    e.add_argument("--no-eos", action="store_true", help="append no EOS token: pool the text's own last token, as "
+                   "llama.cpp does for a plain Qwen3 LLM (the method's published 0.944 was made so); default: EOS "
+                   "appended, as Qwen3-Embedding was trained")
     e.add_argument("--dim", type=int, default=None, help="keep the first DIM features (Matryoshka); None: all")
     e.add_argument("--pooling", choices=["last", "mean"], default="last", help="last (EOS) token or mean of tokens")
     e.add_argument("--layer", type=int, default=None, help="pool this layer's raw hidden state, 0 = embeddings, "

@@ -79,7 +79,10 @@ def test_mean_pooling_and_layers_match_reference(ours, reference):
     got = ours.encode(TEXTS, layers=[1, -2], normalize=False, progress=False)
     assert set(got) == {1, -2}
     assert (got[1] - out.hidden_states[1][:, -1]).abs().max() <= TOL
-    assert (got[-2] - out.hidden_states[-2][:, -1]).abs().max() <= TOL  # the reference indexes layers the same way
+    # Index -2 is the same state in both: the input of the last block. Index -1 is not: transformers'
+    # hidden_states[-1] is the last layer *after* the final norm; our layer -1 is its raw output,
+    # un-normed (the normed one is layer None, the default output).
+    assert (got[-2] - out.hidden_states[-2][:, -1]).abs().max() <= TOL
 
 
 def test_batch_invariance(ours):
@@ -111,6 +114,36 @@ def test_eos_exactly_once_with_or_without_post_processor(tmp_path, ours):
         assert ids_a == ids_b
         assert ids_a[-1] == eos and eos not in ids_a[:-1], text
     assert torch.allclose(ours.encode(TEXTS, progress=False), plain.encode(TEXTS, progress=False), atol=TOL)
+
+
+def test_a_literal_eos_in_a_text_is_text(ours, reference):
+    """A user's text is data: "<|endoftext|>" written in it is tokenized as its characters (as
+    transformers does with split_special_tokens=True), so the only EOS is the one appended."""
+    tok, model = reference
+    texts = ["two <|endoftext|> three", "<|endoftext|>"]
+    eos = ours.tokenizer.token_to_id("<|endoftext|>")
+    ids = ours.tokenize(texts)
+    assert [i[:-1] for i in ids] == tok(texts, add_special_tokens=False, split_special_tokens=True).input_ids
+    assert all(i[-1] == eos and eos not in i[:-1] for i in ids)
+    with torch.no_grad():  # the reference model on the same ids, one text at a time: no padding at all
+        expected = torch.cat([F.normalize(model(input_ids=torch.tensor([i])).last_hidden_state[:, -1], dim=-1)
+                              for i in ids])
+    assert (ours.encode(texts, progress=False) - expected).abs().max().item() <= TOL
+
+
+def test_without_eos_the_last_real_token_is_pooled_as_transformers_does(ours, reference):
+    """append_eos=False (train.py --no-eos): the text's own tokens, as llama.cpp embeds a plain
+    Qwen3 LLM, against transformers on the same ids (left padding and a mask, last position)."""
+    tok, model = reference
+    ids = ours.tokenize(TEXTS, append_eos=False)
+    assert ids == tok(TEXTS, add_special_tokens=False, split_special_tokens=True).input_ids
+    batch = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = F.normalize(model(**batch).last_hidden_state[:, -1], dim=-1)
+    assert (ours.encode(TEXTS, append_eos=False, progress=False) - expected).abs().max().item() <= TOL
+    assert ours.tokenize([TEXTS[2]], max_length=3, append_eos=False)[0] == ids[2][:3]
+    with pytest.raises(ValueError, match=r"texts \[1\] are empty: without EOS"):
+        ours.tokenize(["a", ""], append_eos=False)
 
 
 def test_truncation_keeps_eos_last(ours):

@@ -166,3 +166,16 @@ def test_sweep_and_layer_sweep_tables_round_trip(tmp_path, base):
             for r in table] == [(p, "final" if name == "final (normed)" else name, m, a, e)
                                 for p, name, m, a, e, _ in res["table"]]
     assert json.loads((tmp_path / "layers" / "args.json").read_text())["layer_sweep"] is True
+
+
+def test_no_eos_is_its_own_cache_entry_and_the_checkpoint_keeps_it(tmp_path, base, monkeypatch):
+    train.main(train.parse_args(base + ["--out", str(tmp_path / "eos")]), log=lambda *_: None)
+    train.main(train.parse_args(base + ["--no-eos", "--out", str(tmp_path / "no-eos")]), log=lambda *_: None)
+    specs = [json.loads(f.read_text()) for f in (tmp_path / "cache").glob("*/spec.json")]
+    assert len(specs) == 2 and sorted(s.get("eos", True) for s in specs) == [False, True]
+    assert sum("eos" in s for s in specs) == 1  # with EOS the spec is as before --no-eos: old caches stay valid
+    assert load_checkpoint(tmp_path / "no-eos")[1]["embedding"]["eos"] is False
+    calls = count_forward_passes(monkeypatch)
+    out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "no-eos"), "--data", base[1], "--device",
+                                             "cpu", "--cache-dir", str(tmp_path / "cache"), "--quiet"]))
+    assert not calls and out["map3"] > 0  # the checkpoint's no-EOS vectors, from the cache

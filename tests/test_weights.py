@@ -354,6 +354,8 @@ def test_memory_budget_follows_the_device_and_the_ranks(monkeypatch):
         6_000_000_000, "this machine has 6.0 GB of RAM available, shared by 4 processes")
     assert runtime.memory_budget(torch.device("cpu"), 14) == (14_000_000_000, "--max-memory 14")
     assert runtime.memory_budget(torch.device("cuda")) == (6_000_000_000, "cuda has 6.0 GB free")  # a GPU per rank
+    monkeypatch.setattr(torch.xpu, "mem_get_info", lambda device: (3_000_000_000, 8_000_000_000))
+    assert runtime.memory_budget(torch.device("xpu")) == (3_000_000_000, "xpu has 3.0 GB free")  # not the host's RAM
 
 
 # ----------------------------------------------------------------------------- dtype and device
