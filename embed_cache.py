@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 import runtime
 import weights
 from data import DiskFullError, atomic_path
-from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, TextTooLongError, checkpoint_tensors
+from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors
+from runtime import TextTooLongError
 
 MIB = 1 << 20
 COMPACT_AT = 8  # chunk files in one cache folder before they are merged into one

@@ -15,7 +15,6 @@ how weights are stored (as shipped, int8) is weights.py.
 """
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 import runtime
 import weights
+from runtime import plan_batches
 
 EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into this token's state
 
@@ -106,6 +106,45 @@ def apply_rope(x, cos, sin):  # x: (N, heads, head_dim); cos, sin: (N, head_dim)
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+class Packing:
+    """A batch is packed: the real tokens of all its texts concatenated, no padding, so the matmuls
+    (almost all of the work) never touch a pad token; only attention must see the texts apart.
+    lengths: (B,) tokens per text, on the host; text b owns tokens cu[b] : cu[b + 1]. Computed on
+    the host and copied to the device once, so the device never waits for a length to be read back.
+    varlen: attend on the packed tokens with FlashAttention (runtime.py; speed only)."""
+
+    def __init__(self, lengths, device, varlen=False):
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device="cpu")
+        self.B, self.max_len, self.varlen = len(lengths), int(lengths.max()), varlen
+        cu = F.pad(lengths.cumsum(0), (1, 0))                         # (B+1,) start offsets, then N
+        seq = torch.repeat_interleave(torch.arange(self.B), lengths)  # (N,) which text
+        positions = torch.arange(int(cu[-1])) - cu[seq]               # (N,) restart at 0 per text
+        slot = seq * self.max_len + positions  # (N,) each token's place in a (B, max_len) grid
+        self.positions, self.slot, self.cu = (t.to(device) for t in (positions, slot, cu.to(torch.int32)))
+
+    def attention(self, q, k, v):
+        """Causal attention within each text. q: (N, n_head, d); k, v: (N, n_kv, d) -> (N, n_head, d)."""
+        if self.varlen:
+            return runtime.causal_varlen_attn(q, k, v, self.cu, self.max_len)
+        # SDPA wants a rectangle, so scatter into a right-padded (B, heads, T, d) grid. Right
+        # padding needs no padding mask: under the causal mask a real token attends only to earlier
+        # positions, and every pad comes after every real token of its row. So plain is_causal=True
+        # is exact, SDPA may take its fastest kernels, and the pad rows are dropped.
+        q, k, v = (self.to_grid(t) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=q.shape[-1] ** -0.5,
+                                             enable_gqa=True)  # (B, n_head, T, d)
+        return self.from_grid(out)
+
+    def to_grid(self, t):  # (N, h, d) -> (B, h, T, d), zeros after each text
+        grid = t.new_zeros(self.B * self.max_len, *t.shape[1:])  # (B * T, h, d)
+        grid[self.slot] = t
+        return grid.view(self.B, self.max_len, *t.shape[1:]).transpose(1, 2)
+
+    def from_grid(self, grid):  # (B, h, T, d) -> (N, h, d), the real tokens only
+        flat = grid.transpose(1, 2).reshape(self.B * self.max_len, grid.shape[1], grid.shape[3])  # (B * T, h, d)
+        return flat[self.slot]
+
+
 class Attention(nn.Module):
     def __init__(self, c: Qwen3Config):
         super().__init__()
@@ -121,43 +160,10 @@ class Attention(nn.Module):
         N = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(N, self.n_head, self.head_dim))  # (N, n_head, head_dim)
         k = self.k_norm(self.k_proj(x).view(N, self.n_kv, self.head_dim))    # (N, n_kv, head_dim)
-        v = self.v_proj(x).view(N, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(N, self.n_kv, self.head_dim)                 # (N, n_kv, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if pack.varlen:  # speed only: FlashAttention reads the packed tokens directly (runtime.py)
-            out = runtime.causal_varlen_attn(q, k, v, pack.cu, pack.max_len)
-        else:
-            # SDPA wants a rectangle, so scatter into a right-padded (B, heads, T, head_dim) grid.
-            # Right padding needs no padding mask: under the causal mask a real token attends only
-            # to earlier positions, and every pad comes after every real token of its row. So plain
-            # is_causal=True is exact, SDPA may take its fastest kernels, and the pad rows are dropped.
-            q, k, v = (pack.to_grid(t) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim ** -0.5,
-                                                 enable_gqa=True)  # (B, n_head, T, head_dim)
-            out = pack.from_grid(out)  # (N, n_head, head_dim)
-        return self.o_proj(out.reshape(N, -1))
-
-
-class Packing:
-    """Where each text sits among the N concatenated tokens. lengths: (B,) tokens per text, on the
-    host; text b owns tokens cu[b] : cu[b + 1]. Computed on the host from the lengths and copied to
-    the model's device once, so the device never waits for the host to read a length back."""
-
-    def __init__(self, lengths, device, varlen=False):
-        lengths = torch.as_tensor(lengths, dtype=torch.long, device="cpu")
-        self.B, self.max_len, self.varlen = len(lengths), int(lengths.max()), varlen
-        cu = F.pad(lengths.cumsum(0), (1, 0))                             # (B+1,) start offsets, then N
-        seq = torch.repeat_interleave(torch.arange(self.B), lengths)      # (N,) which text
-        positions = torch.arange(int(cu[-1])) - cu[seq]                   # (N,) restart at 0 per text
-        slot = seq * self.max_len + positions  # each token's place in a right-padded (B, max_len) grid
-        self.positions, self.slot, self.cu = (t.to(device) for t in (positions, slot, cu.to(torch.int32)))
-
-    def to_grid(self, t):  # (N, h, d) -> (B, h, T, d), zeros after each text
-        grid = t.new_zeros(self.B * self.max_len, *t.shape[1:])
-        grid[self.slot] = t
-        return grid.view(self.B, self.max_len, *t.shape[1:]).transpose(1, 2)
-
-    def from_grid(self, grid):  # (B, h, T, d) -> (N, h, d), the real tokens only
-        return grid.transpose(1, 2).reshape(self.B * self.max_len, grid.shape[1], grid.shape[3])[self.slot]
+        out = pack.attention(q, k, v)                                        # (N, n_head, head_dim)
+        return self.o_proj(out.reshape(N, -1))                               # (N, hidden)
 
 
 class MLP(nn.Module):
@@ -192,16 +198,16 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.varlen = False  # set by the embedder where runtime.varlen_usable (speed only)
 
-    def forward(self, input_ids, lengths, return_layers=False):
+    def forward(self, input_ids, lengths, return_layers=False, varlen=False):
         """input_ids: (N,) the texts' tokens concatenated; lengths: (B,) tokens per text, on the host.
 
         Returns the final normed hidden states (N, hidden). With return_layers, also the list of
         num_hidden_layers + 1 residual-stream states (embeddings, then after each layer), un-normed.
+        varlen: attention by FlashAttention on the packed tokens (speed only; Packing).
         """
         x = self.embed_tokens(input_ids)  # (N, hidden)
-        pack = Packing(lengths, x.device, self.varlen)
+        pack = Packing(lengths, x.device, varlen)
         # RoPE angles are computed here, not kept as buffers: a buffer built on the meta device
         # would stay empty after loading. Positions restart at 0 for every text.
         cos, sin = rope(pack.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -322,22 +328,6 @@ def load_tokenizer(folder):
     return tokenizer
 
 
-def plan_batches(lengths, max_tokens, max_texts=None, ordered=False):
-    """Cut texts into batches, shortest first: lists of indices into lengths, each batch at most
-    max_texts texts and max_tokens tokens (a text longer than max_tokens gets a batch of its own).
-    Sorting keeps padding in attention small; packing removes it from everything else.
-    ordered: in the texts' order instead, consecutive texts per batch."""
-    order = sorted(range(len(lengths)), key=lambda i: 0 if ordered else lengths[i])
-    batches, tokens = [], 0
-    for i in order:
-        if not batches or tokens + lengths[i] > max_tokens or len(batches[-1]) == (max_texts or len(order) + 1):
-            batches.append([])
-            tokens = 0
-        batches[-1].append(i)
-        tokens += lengths[i]
-    return batches
-
-
 # ----------------------------------------------------------------------------- embedder
 
 class NonFiniteError(FloatingPointError):
@@ -348,21 +338,11 @@ class NonFiniteError(FloatingPointError):
         self.indices = indices
 
 
-class TextTooLongError(MemoryError):
-    """One text that does not fit in device memory even alone; .index and .tokens say which."""
-
-    def __init__(self, index, tokens):
-        super().__init__(f"text {index} ({tokens} tokens) does not fit in device memory even alone; "
-                         f"lower max_length")
-        self.index, self.tokens = index, tokens
-
-
 class Qwen3Embedder:
     def __init__(self, model, tokenizer, device, dtype, name="", compile=None, weight_format="none", folder=None):
         self.model, self.tokenizer, self.device, self.dtype, self.name = model, tokenizer, device, dtype, name
-        self.compile, self.compiled, self.weight_format, self.folder = compile, False, weight_format, folder
-        self.model.varlen = runtime.varlen_usable(device, dtype)
-        self.oom_budget = None  # tokens per batch, once a batch has run out of device memory
+        self.weight_format, self.folder = weight_format, folder
+        self.fast = runtime.FastPaths(device, dtype, compile)  # decided once: varlen, compile by job size
         self.eos_id = tokenizer.token_to_id(EOS)
         if self.eos_id is None:
             raise ValueError(f"{name}: tokenizer.json has no {EOS} token")
@@ -474,89 +454,46 @@ class Qwen3Embedder:
                            layers=[layer], append_eos=append_eos)[layer]
         return (ours * self.reference(texts, instruction, max_length, pooling, layer, None, append_eos)).sum(-1)
 
-    def layer_keys(self, layers):
-        """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers."""
-        n = self.model.config.num_hidden_layers
-        if any(layer is not None and not -n - 1 <= layer <= n for layer in layers):
-            raise ValueError(f"layers must be in [-{n + 1}, {n}], got {layers}")
-        return [None if layer is None else layer % (n + 1) for layer in layers]
+    @property
+    def compiled(self):
+        return self.fast.compiled
 
     def check(self, keys, dim, batch_size, max_batch_tokens):
+        """One-line errors for bad encode arguments; keys: (pooling, layer index as given)."""
+        n = self.model.config.num_hidden_layers
         if any(pooling not in ("last", "mean") for pooling, _ in keys):
             raise ValueError(f"pooling must be 'last' or 'mean', got {sorted({p for p, _ in keys})}")
+        if any(layer is not None and not -n - 1 <= layer <= n for _, layer in keys):
+            raise ValueError(f"layers must be in [-{n + 1}, {n}], got {[layer for _, layer in keys]}")
         if dim is not None and not 1 <= dim <= self.dim:
             raise ValueError(f"dim must be between 1 and the hidden size {self.dim}, got {dim}")
         if (batch_size is not None and batch_size < 1) or (max_batch_tokens is not None and max_batch_tokens < 1):
             raise ValueError("batch_size and max_batch_tokens must be positive")
 
+    def layer_keys(self, layers):
+        """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers."""
+        n = self.model.config.num_hidden_layers
+        self.check([("last", layer) for layer in layers], None, None, None)
+        return [None if layer is None else layer % (n + 1) for layer in layers]
+
     def stream(self, ids, keys, dim=None, normalize=True, batch_size=None, max_batch_tokens=None, log=None):
         """Embed tokenized texts one batch at a time, shortest first, in ONE forward pass for every
         (pooling, layer) key asked: an iterator of (indices into ids, {key: (len(indices), D) float32
-        CPU tensor}), so that a caller can save as it goes. A batch that runs out of device memory is
-        retried in halves and the smaller budget kept (said once through log). The arguments are
-        checked here, before the first batch."""
+        CPU tensor}), so that a caller can save as it goes. The arguments are checked here, before
+        the first batch; the batches run through runtime.run_batches (out-of-memory halving, fast
+        path fallback)."""
         self.check(keys, dim, batch_size, max_batch_tokens)
         return self.batches(ids, keys, dim, normalize, batch_size, max_batch_tokens, log or (lambda *_: None))
 
     @torch.inference_mode()
     def batches(self, ids, keys, dim, normalize, batch_size, max_batch_tokens, log):
-        lengths = [len(i) for i in ids]
-        self.maybe_compile(sum(lengths), log)
         need_layers = any(layer is not None for _, layer in keys)
+        self.fast.maybe_compile(self.model, sum(len(i) for i in ids), log)  # at the call site, said once
         budget = max_batch_tokens or runtime.default_batch_tokens(self.model.config, self.device, self.dtype,
                                                                   need_layers)
-        pending, failed_at = plan_batches(lengths, min(budget, self.oom_budget or budget), batch_size)[::-1], None
-        while pending:
-            batch = pending.pop()
-            states = self.run_batch(ids, batch, need_layers)
-            if states is None:  # out of memory: halve the budget and cut what is left again with it
-                if len(batch) == 1:
-                    raise TextTooLongError(batch[0], lengths[batch[0]])
-                tokens = sum(lengths[i] for i in batch)
-                failed_at, self.oom_budget = failed_at or tokens, tokens // 2
-                rest = batch + [i for b in pending for i in b]
-                pending = [[rest[j] for j in b] for b in plan_batches([lengths[i] for i in rest], self.oom_budget,
-                                                                      batch_size)][::-1]
-                continue
-            if failed_at:  # halved until it fitted: say so once; the smaller budget lasts for the run
-                log(f"out of GPU memory with {failed_at} tokens in a batch: carrying on with at most {self.oom_budget}")
-                failed_at = None
-            yield batch, self.pool_all(states, [lengths[i] for i in batch], batch, keys, dim, normalize)
-
-    def run_batch(self, ids, batch, need_layers):
-        """The model on one packed batch -> (final normed states, layer states or None), or None if
-        it ran out of device memory. If a fast path fails (torch.compile without a working compiler,
-        the varlen kernel on an unsupported GPU), warn once and run the eager, padded reference
-        path from then on: slower, never wrong."""
-        flat = torch.tensor([t for i in batch for t in ids[i]]).to(self.device)
-        lengths = torch.tensor([len(ids[i]) for i in batch])  # stays on the host
-        try:
-            out = self.model(flat, lengths, return_layers=need_layers)
-            return out if need_layers else (out, None)
-        except Exception as e:
-            if not runtime.is_out_of_memory(e) and not (self.compiled or self.model.varlen):
-                raise
-            failure = None if runtime.is_out_of_memory(e) else f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
-        # Out of the except clause, the failed batch's tensors (held by the traceback) are freed.
-        if failure is None:
-            del flat
-            runtime.empty_cache(self.device)
-            return None
-        fast = [name for name, on in (("torch.compile", self.compiled), ("varlen attention", self.model.varlen)) if on]
-        warnings.warn(f"{' and '.join(fast)} failed ({failure}); running the eager reference path instead")
-        runtime.uncompile_blocks(self.model)
-        self.compile, self.compiled, self.model.varlen = False, False, False
-        return self.run_batch(ids, batch, need_layers)
-
-    def maybe_compile(self, n_tokens, log=print):
-        """compile=None compiles for jobs of runtime.COMPILE_MIN_TOKENS tokens or more: there the
-        one-time cost (measured on CPU: 7-15 s, 2 s once cached on disk) is small against the work."""
-        if self.compiled or self.compile is False or (self.compile is None and n_tokens < runtime.COMPILE_MIN_TOKENS):
-            return
-        log("compiling the model's blocks with torch.compile: once per run, longer the first time, "
-            "cached on disk after (compile=False or --no-compile runs eagerly)")
-        runtime.compile_blocks(self.model)
-        self.compiled = True
+        for batch, states in runtime.run_batches(self.model, ids, budget, batch_size, need_layers, self.device,
+                                                 self.fast, log):
+            yield batch, self.pool_all(states, [len(ids[i]) for i in batch], batch, keys, dim, normalize)
 
     def pool_all(self, states, lengths, batch, keys, dim, normalize):
         """{(pooling, layer): (B, D) float32 CPU vectors}; NaN or Inf raises NonFiniteError."""

@@ -10,6 +10,7 @@ vector beyond rounding; qwen_embed.py reads as the plain forward pass because it
 import ctypes
 import inspect
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -165,6 +166,22 @@ def is_out_of_memory(error):
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
+def plan_batches(lengths, max_tokens, max_texts=None, ordered=False):
+    """Cut texts into batches, shortest first: lists of indices into lengths, each batch at most
+    max_texts texts and max_tokens tokens (a text longer than max_tokens gets a batch of its own).
+    Sorting keeps padding in attention small; packing removes it from everything else.
+    ordered: in the texts' order instead, consecutive texts per batch."""
+    order = sorted(range(len(lengths)), key=lambda i: 0 if ordered else lengths[i])
+    batches, tokens = [], 0
+    for i in order:
+        if not batches or tokens + lengths[i] > max_tokens or len(batches[-1]) == (max_texts or len(order) + 1):
+            batches.append([])
+            tokens = 0
+        batches[-1].append(i)
+        tokens += lengths[i]
+    return batches
+
+
 def default_batch_tokens(config, device, dtype, keep_layers=False):
     """Tokens per forward pass when the caller does not say.
 
@@ -222,7 +239,7 @@ def causal_varlen_attn(q, k, v, cu, max_len):
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
-COMPILE_MIN_TOKENS = 100_000  # compile=None compiles jobs this large (Qwen3Embedder.maybe_compile)
+COMPILE_MIN_TOKENS = 100_000  # compile=None compiles jobs this large (FastPaths.maybe_compile)
 
 
 def compile_blocks(model):
@@ -238,3 +255,81 @@ def compile_blocks(model):
 def uncompile_blocks(model):
     for block in model.layers:
         block.__dict__.pop("forward", None)  # the class's eager forward again
+
+
+class FastPaths:
+    """An embedder's speed-only paths, decided once: FlashAttention on packed tokens where
+    varlen_usable, torch.compile by job size (compile=None: COMPILE_MIN_TOKENS tokens or more; the
+    one-time cost, measured on CPU at 7-15 s and 2 s once cached on disk, is small against the
+    work). If either fails, one warning says so and the eager, padded reference path runs from
+    then on: slower, never wrong."""
+
+    def __init__(self, device, dtype, compile=None):
+        self.varlen, self.compile, self.compiled = varlen_usable(device, dtype), compile, False
+
+    def maybe_compile(self, model, n_tokens, log):
+        if self.compiled or self.compile is False or (self.compile is None and n_tokens < COMPILE_MIN_TOKENS):
+            return
+        log("compiling the model's blocks with torch.compile: once per run, longer the first time, "
+            "cached on disk after (compile=False or --no-compile runs eagerly)")
+        compile_blocks(model)
+        self.compiled = True
+
+    def fall_back(self, model, error):
+        """After a forward pass failed with error: True if a fast path was on (now off, said once),
+        False if the eager path itself failed (the caller raises)."""
+        on = [name for name, used in (("torch.compile", self.compiled), ("varlen attention", self.varlen)) if used]
+        if not on:
+            return False
+        warnings.warn(f"{' and '.join(on)} failed ({type(error).__name__}: {str(error).strip().splitlines()[0]}); "
+                      f"running the eager reference path instead")
+        uncompile_blocks(model)
+        self.compile, self.compiled, self.varlen = False, False, False
+        return True
+
+
+class TextTooLongError(MemoryError):
+    """One text that does not fit in device memory even alone; .index and .tokens say which."""
+
+    def __init__(self, index, tokens):
+        super().__init__(f"text {index} ({tokens} tokens) does not fit in device memory even alone; "
+                         f"lower max_length")
+        self.index, self.tokens = index, tokens
+
+
+def run_batches(model, ids, max_tokens, max_texts, need_layers, device, fast, log):
+    """The model over tokenized texts, batch by batch as plan_batches cuts them: yields (indices
+    into ids, (final states, layer states or None)). A batch that runs out of device memory is cut
+    again, with every batch after it, at half its tokens; the smaller budget holds for the rest of
+    this call, and is said once when a batch fits. A fast path that fails is dropped
+    (FastPaths.fall_back) and the batch run again on the eager path."""
+    lengths = [len(i) for i in ids]
+    pending, failed_at = plan_batches(lengths, max_tokens, max_texts)[::-1], None
+    while pending:
+        batch = pending.pop()
+        flat = torch.tensor([t for i in batch for t in ids[i]]).to(device)
+        try:
+            out = model(flat, torch.tensor([lengths[i] for i in batch]), return_layers=need_layers,
+                        varlen=fast.varlen)
+        except Exception as e:  # out of memory, or a fast path that does not work here
+            out_of_memory = is_out_of_memory(e)
+            if not out_of_memory and not fast.fall_back(model, e):
+                raise
+        else:
+            if failed_at:
+                log(f"out of GPU memory with {failed_at} tokens in a batch: carrying on with at most {max_tokens}")
+                failed_at = None
+            yield batch, (out if need_layers else (out, None))
+            continue
+        # Out of the except clause, the failed batch's tensors (held by the traceback) are freed.
+        del flat
+        if not out_of_memory:
+            pending.append(batch)  # again, on the eager path
+            continue
+        empty_cache(device)
+        if len(batch) == 1:
+            raise TextTooLongError(batch[0], lengths[batch[0]])
+        tokens = sum(lengths[i] for i in batch)
+        failed_at, max_tokens = failed_at or tokens, tokens // 2
+        rest = batch + [i for b in pending for i in b]
+        pending = [[rest[j] for j in b] for b in plan_batches([lengths[i] for i in rest], max_tokens, max_texts)][::-1]

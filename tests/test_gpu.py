@@ -42,7 +42,7 @@ def test_bf16_defaults_match_the_fp32_reference(model_dir, reference, compile):
     ours = Qwen3Embedder.from_pretrained(model_dir, compile=compile)  # defaults: cuda, bfloat16
     assert ours.device.type == "cuda" and ours.dtype == torch.bfloat16
     got = ours.encode(MIXED_TEXTS, progress=False)
-    assert ours.compiled == compile and ours.model.varlen == runtime.varlen_usable(ours.device, ours.dtype)  # no fallback
+    assert ours.compiled == compile and ours.fast.varlen == runtime.varlen_usable(ours.device, ours.dtype)  # no fallback
     assert cosines(got, reference).min() >= 0.9995
     alone = torch.cat([ours.encode([t], progress=False) for t in MIXED_TEXTS[:8]])
     assert cosines(alone, got[:8]).min() >= 0.9999  # a text alone vs inside a batch
@@ -53,8 +53,8 @@ def test_varlen_and_padded_attention_agree(model_dir):
         pytest.skip(f"torch {torch.__version__} has no usable torch.nn.attention.varlen")
     ours = Qwen3Embedder.from_pretrained(model_dir, compile=False)
     varlen = ours.encode(MIXED_TEXTS, progress=False)
-    assert ours.model.varlen  # did not fall back
-    ours.model.varlen = False  # forces the padded SDPA path
+    assert ours.fast.varlen  # did not fall back
+    ours.fast.varlen = False  # forces the padded SDPA path
     padded = ours.encode(MIXED_TEXTS, progress=False)
     assert cosines(varlen, padded).min() >= 0.9999
 

@@ -297,7 +297,7 @@ def test_varlen_attention_glue(ours, monkeypatch, api):
     padded = ours.encode(TEXTS, batch_size=4, progress=False)
     monkeypatch.setattr(runtime, "varlen_attn", fake_varlen_attn)
     monkeypatch.setattr(runtime, "VARLEN_ARGS", api)
-    monkeypatch.setattr(ours.model, "varlen", True)  # what the embedder sets where runtime.varlen_usable
+    monkeypatch.setattr(ours.fast, "varlen", True)  # what FastPaths decides where runtime.varlen_usable
     packed = ours.encode(TEXTS, batch_size=4, progress=False)
     assert calls and max(calls) == 4
     assert (packed - padded).abs().max().item() <= TOL
@@ -311,10 +311,10 @@ def test_a_failing_fast_path_falls_back_to_the_reference_path(ours, monkeypatch)
         raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore detail")
 
     monkeypatch.setattr(runtime, "varlen_attn", broken)
-    monkeypatch.setattr(ours.model, "varlen", True)
+    monkeypatch.setattr(ours.fast, "varlen", True)
     with pytest.warns(UserWarning, match="varlen attention failed .RuntimeError: FlashAttention only supports"):
         got = ours.encode(TEXTS, batch_size=2, progress=False)
-    assert not ours.model.varlen  # warned once, padded SDPA from then on
+    assert not ours.fast.varlen  # warned once, padded SDPA from then on
     assert (got - expected).abs().max().item() <= TOL
 
 
@@ -337,7 +337,7 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
     assert not auto.compiled
     monkeypatch.setattr(runtime, "COMPILE_MIN_TOKENS", 10)
     logs = []
-    auto.maybe_compile(20, log=logs.append)
+    auto.fast.maybe_compile(auto.model, 20, log=logs.append)
     assert auto.compiled and "compiling" in logs[0]
 
     def broken_compile(model):

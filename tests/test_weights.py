@@ -1,5 +1,5 @@
 """Weights as shipped, in int8 or int4 (weights.py), fidelity against as shipped, the memory budget,
-the dtype by device, any device, batch planning (runtime.py, qwen_embed.plan_batches)."""
+the dtype by device, any device, batch planning (runtime.py)."""
 
 import gc
 import json
@@ -23,7 +23,8 @@ import train
 import weights
 from helpers import PINNED, TEXTS, cli_error, count_forward_passes, write_csv
 from lora import adapters, add_lora
-from qwen_embed import Qwen3Config, Qwen3Embedder, Qwen3Model, plan_batches
+from qwen_embed import Qwen3Config, Qwen3Embedder, Qwen3Model
+from runtime import plan_batches
 from random_checkpoint import SHAPES, make_checkpoint
 from weights import GROUP, StoredLinear, dequantize, quantize_int4, quantize_int8
 
