@@ -2,7 +2,7 @@
 
 Shared by train.py and evaluate.py. Errors are ValueError/FileNotFoundError with one line that
 names the file, row or flag; the command-line scripts print that line and exit non-zero
-(embed_cache.cli).
+(cli.cli).
 """
 
 import contextlib

@@ -13,29 +13,24 @@ most that much work, and a rerun computes only what is missing. Ctrl-C saves wha
 than COMPACT_AT chunk files are merged into one at the end of a run. Two runs may share a cache
 folder: nothing is locked, files are only ever added whole or deleted once their vectors are in
 another file. Reading fills one (rows, D) matrix with the rows asked for, and only those.
-Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the ranks share the missing texts.
+Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the ranks share the missing texts
+(torchrun.py).
 """
 
-import argparse
-import atexit
 import contextlib
 import hashlib
 import json
-import os
 import random
 import shutil
-import signal
-import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
 import runtime
+import torchrun
 import weights
 from data import DiskFullError, atomic_path
 from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors
@@ -244,102 +239,6 @@ class ChunkWriter:
         self.last = time.monotonic()
 
 
-# ----------------------------------------------------------------------------- command lines and torchrun
-
-def cli(main, parse_args, argv=None):
-    """Run train.py's or evaluate.py's main: bad input ends in one line on stderr and a non-zero
-    exit, not a traceback. SIGTERM (how Slurm, a preemptible VM, a notebook ending or `docker stop`
-    ends a job) is handled as Ctrl-C is: what was computed is cached, one line, exit 143; a second
-    SIGTERM ends the process at once. Under torchrun only rank 0 prints (errors still reach stderr
-    from every rank)."""
-    if int(os.environ.get("RANK", "0")) > 0:
-        sys.stdout = open(os.devnull, "w")
-    stopped = []
-
-    def on_sigterm(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one is not caught
-        stopped.append(signum)
-        raise KeyboardInterrupt  # unwinds like Ctrl-C: pending vectors written, temporary files removed
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        return main(parse_args(argv))
-    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, DiskFullError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt as e:  # train.py adds how far the head phase got
-        print(f"{'terminated (SIGTERM)' if stopped else 'interrupted'}: "
-              f"{str(e) or 'the vectors computed so far are cached; run again to resume'}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM if stopped else 130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def add_flags(p, quantize_default="auto"):
-    """The flags that train.py and evaluate.py share: where and how the model runs (None: chosen by
-    the device and the job, as in Qwen3Embedder) and the cache; run_options(args) turns them into
-    ensure_cached()'s arguments."""
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ...; None: cuda, else mps, else cpu")
-    p.add_argument("--quantize", choices=["auto", *weights.FORMATS], default=quantize_default,
-                   help="how the weights are kept: none = as shipped (bf16), int8 = group-wise int8 (8.5 bits per "
-                   "weight), int4 = group-wise int4 with the embedding table and v_proj in int8 (about 4.9); auto: "
-                   "the first of none, int8, int4 that fits the memory budget" +
-                   ("" if quantize_default else "; None: the checkpoint's"))
-    p.add_argument("--fidelity-texts", type=int, default=64, help="with int8 or int4 weights, embed this many of "
-                   "the run's texts with the weights as shipped too (read one layer at a time) and report the cosine "
-                   "between the two; 0: skip")
-    p.add_argument("--max-memory", type=float, default=None, help="memory budget in GB for --quantize; None: "
-                   "free memory on the GPU, available RAM on the CPU (shared by torchrun's ranks on a node)")
-    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass, at most; None: no limit "
-                   "but the token budget")
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward pass, at most; None: "
-                   "2048 off CUDA (fewer when every layer is kept), on CUDA from the free memory and the model's shape")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
-                   "model's blocks; None: when the texts to embed hold 100,000 tokens or more")
-    p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared by train.py and evaluate.py")
-    p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes, at most")
-    p.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between cache writes, "
-                   "at most (or one batch, if longer): what a kill can lose")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def run_options(args, quantize=None):
-    return dict(device=args.device, quantize=quantize or args.quantize, max_memory=args.max_memory, batch_size=args.batch_size,
-                max_batch_tokens=args.max_batch_tokens, compile=args.compile, cache_dir=args.cache_dir,
-                chunk_size=args.cache_chunk, chunk_seconds=args.cache_seconds, progress=not args.quiet,
-                fidelity_texts=args.fidelity_texts)
-
-
-def distributed(device):
-    """(rank, world size, local rank) under torchrun, starting PyTorch's process group once;
-    (0, 1, 0) in a plain run. One GPU per process and NCCL when embedding on CUDA, else gloo
-    between CPU processes (also on a machine that has GPUs, with --device cpu)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
-            if per_node > gpus:  # before any work, rather than "invalid device ordinal" from deep inside
-                raise ValueError(f"{per_node} processes on this node but {gpus} GPU(s): use "
-                                 f"--nproc_per_node={gpus} or fewer, or --device cpu")
-            torch.cuda.set_device(local)
-        # Ranks wait for each other at the end of embedding, which can take hours on one slow rank.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
-        atexit.register(dist.destroy_process_group)
-    return dist.get_rank(), world, local
-
-
-def balance(token_counts, world):
-    """Deal items to ranks, longest first, each to the rank with the fewest tokens so far."""
-    shares, totals = [[] for _ in range(world)], [0] * world
-    for i in sorted(range(len(token_counts)), key=lambda i: -token_counts[i]):
-        r = totals.index(min(totals))
-        shares[r].append(i)
-        totals[r] += token_counts[i]
-    return shares
-
-
 # ----------------------------------------------------------------------------- embedding through the cache
 
 def embed(texts, model, *, pooling="last", layers=(None,), **kw):
@@ -370,7 +269,7 @@ def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instructi
                         ("--batch-size", batch_size), ("--max-batch-tokens", max_batch_tokens)):
         if value is not None and value <= 0:
             raise ValueError(f"{flag} must be positive, got {value}")
-    rank, world, local = distributed(runtime.pick_device(device))  # before anything touches a GPU
+    rank, world, local = torchrun.distributed(runtime.pick_device(device))  # before anything touches a GPU
     device, dtype = runtime.pick_device_dtype(device, dtype)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local)  # one GPU per process
@@ -391,8 +290,7 @@ def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instructi
     D = dim or config.hidden_size
     text_key = [bytes(k) for k in text_keys(texts).numpy()]
     todo, n_missing = missing(caches.values(), text_key, D)
-    if world > 1:
-        dist.barrier()  # every rank has read the same cache before any rank writes to it
+    torchrun.barrier(world)  # every rank has read the same cache before any rank writes to it
     if not todo:
         log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
     else:
@@ -410,10 +308,9 @@ def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instructi
         for cache in caches.values() if found else ():
             cache.note({"fidelity": found})
         del embedder  # the model's memory is free before anything reads the vectors
-    if world > 1:
-        dist.barrier()  # all chunks written
-        if rank:
-            return None
+    torchrun.barrier(world)  # all chunks written
+    if rank:
+        return None
     for cache in caches.values():
         try:
             cache.compact(D)
@@ -503,7 +400,7 @@ def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progr
     fidelity_texts: measure that many of the vectors just computed against the weights as shipped
     (measure_fidelity) and return its figures (else None)."""
     tokens = embedder.tokenize(texts, instruction, max_length, eos)  # once: the shares and the batches use it
-    mine = balance([len(t) for t in tokens], world)[rank] if world > 1 else list(range(len(texts)))
+    mine = torchrun.balance([len(t) for t in tokens], world)[rank] if world > 1 else list(range(len(texts)))
     writer = ChunkWriter(caches, torch.tensor([list(keys[j]) for j in mine], dtype=torch.uint8).reshape(-1, 32),
                          dim, chunk_size, chunk_seconds)
     sample, first = fidelity_sample(len(mine), fidelity_texts), next(iter(caches))
@@ -536,8 +433,7 @@ def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progr
             with contextlib.suppress(DiskFullError):
                 writer.flush()
     if world > 1:
-        every = [None] * world
-        dist.all_gather_object(every, (rank, len(mine), sum(len(tokens[j]) for j in mine), time.time() - t0))
+        every = torchrun.gather((rank, len(mine), sum(len(tokens[j]) for j in mine), time.time() - t0), world)
         for r, n_texts, n_tokens, seconds in every:
             log(f"rank {r}: {n_texts} texts, {n_tokens} tokens, {seconds:.1f}s")
     if sample:

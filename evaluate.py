@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+import cli
 import embed_cache
 from data import DiskFullError, add_answer_is_correct, atomic_path, check_ids, labels_of, read_csv, render, require_columns, template_fields
 from lora import add_lora, load_adapters, merge_lora
@@ -97,7 +98,7 @@ def main(args):
         stored = embed_cache.ensure_cached(
             texts, spec["model"], poolings=(spec["pooling"],), layers=(spec["layer"],), instruction=spec["instruction"],
             max_length=spec["max_length"], dim=spec["dim"], dtype=dtype, eos=spec.get("eos", True),
-            **embed_cache.run_options(args, quantize),
+            **cli.run_options(args, quantize),
             ids=[row[spec["id_col"]] for row in rows])
         if stored is None:  # a torchrun rank other than 0: its share is embedded and cached
             return None
@@ -135,9 +136,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="compute dtype; None: the "
                    "checkpoint's, so that the vectors are the ones its head was trained on")
     p.add_argument("--head-device", default=None, help="where the heads predict; None: the embedding device")
-    embed_cache.add_flags(p, quantize_default=None)
+    cli.add_flags(p, quantize_default=None)
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    embed_cache.cli(main, parse_args)
+    cli.cli(main, parse_args)

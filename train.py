@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+import cli
 import embed_cache
 from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, add_answer_is_correct, atomic_path, check_ids, kfold,
                   labels_of, map_correct_answers, read_csv, render, require_columns, split, template_fields)
@@ -253,7 +254,7 @@ def cache_vectors(args, data, log, poolings=None, layers=None):
     stored = embed_cache.ensure_cached(
         data["texts"], args.model, poolings=poolings or (args.pooling,), layers=layers or (args.layer,),
         instruction=args.instruction, max_length=args.max_length, dim=args.dim, dtype=args.dtype, eos=not args.no_eos,
-        **embed_cache.run_options(args), log=log, ids=[row[args.id_col] for row in data["rows"]])
+        **cli.run_options(args), log=log, ids=[row[args.id_col] for row in data["rows"]])
     if stored is not None:
         log(f"embeddings: {len(stored)} x ({len(data['texts'])}, {next(iter(stored.values())).dim}) "
             f"in {time.time() - t0:.1f}s")
@@ -527,7 +528,7 @@ def parse_args(argv=None):
     e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="compute dtype; None: bfloat16 on CUDA GPUs of compute capability 8.0+ and on CPUs with "
                    "native bf16 (AVX-512 BF16, AMX), else float32 (float16 is refused: Qwen3 overflows it)")
-    embed_cache.add_flags(e)
+    cli.add_flags(e)
     h = p.add_argument_group("head and training")
     h.add_argument("--hidden", type=int, nargs=2, default=[1024, 512], metavar=("H1", "H2"), help="hidden layer sizes")
     h.add_argument("--dropout", type=float, default=0.2, help="on the input and after each hidden layer")
@@ -555,4 +556,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    embed_cache.cli(main, parse_args)
+    cli.cli(main, parse_args)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import embed_cache
+import cli
 from qwen_embed import Qwen3Model
 
 ROOT = Path(__file__).parent.parent
@@ -42,7 +42,7 @@ def write_csv(path, n=48, seed=0):
 def cli_error(script, argv):
     """Run a script's command line in-process; return its one-line error (and check it is one)."""
     with pytest.raises(SystemExit) as e:
-        embed_cache.cli(script.main, script.parse_args, argv)
+        cli.cli(script.main, script.parse_args, argv)
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
     return message

@@ -1,0 +1,79 @@
+"""The command-line shell of train.py and evaluate.py: the flags they share (where and how the
+model runs, the cache), and cli(), which runs a main so that bad input ends in one line, not a
+traceback, and Ctrl-C or SIGTERM ends a run with what it computed kept.
+
+    if __name__ == "__main__":
+        cli(main, parse_args)
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+import weights
+from data import DiskFullError
+
+
+def cli(main, parse_args, argv=None):
+    """Run train.py's or evaluate.py's main: bad input ends in one line on stderr and a non-zero
+    exit, not a traceback. SIGTERM (how Slurm, a preemptible VM, a notebook ending or `docker stop`
+    ends a job) is handled as Ctrl-C is: what was computed is cached, one line, exit 143; a second
+    SIGTERM ends the process at once. Under torchrun only rank 0 prints (errors still reach stderr
+    from every rank)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = open(os.devnull, "w")
+    stopped = []
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one is not caught
+        stopped.append(signum)
+        raise KeyboardInterrupt  # unwinds like Ctrl-C: pending vectors written, temporary files removed
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return main(parse_args(argv))
+    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, DiskFullError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # train.py adds how far the head phase got
+        print(f"{'terminated (SIGTERM)' if stopped else 'interrupted'}: "
+              f"{str(e) or 'the vectors computed so far are cached; run again to resume'}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM if stopped else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def add_flags(p, quantize_default="auto"):
+    """The flags that train.py and evaluate.py share: where and how the model runs (None: chosen by
+    the device and the job, as in Qwen3Embedder) and the cache; run_options(args) turns them into
+    ensure_cached()'s arguments."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ...; None: cuda, else mps, else cpu")
+    p.add_argument("--quantize", choices=["auto", *weights.FORMATS], default=quantize_default,
+                   help="how the weights are kept: none = as shipped (bf16), int8 = group-wise int8 (8.5 bits per "
+                   "weight), int4 = group-wise int4 with the embedding table and v_proj in int8 (about 4.9); auto: "
+                   "the first of none, int8, int4 that fits the memory budget" +
+                   ("" if quantize_default else "; None: the checkpoint's"))
+    p.add_argument("--fidelity-texts", type=int, default=64, help="with int8 or int4 weights, embed this many of "
+                   "the run's texts with the weights as shipped too (read one layer at a time) and report the cosine "
+                   "between the two; 0: skip")
+    p.add_argument("--max-memory", type=float, default=None, help="memory budget in GB for --quantize; None: "
+                   "free memory on the GPU, available RAM on the CPU (shared by torchrun's ranks on a node; each has a GPU "
+                   "of its own)")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass, at most; None: no limit "
+                   "but the token budget")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward pass, at most; None: "
+                   "2048 off CUDA (fewer when every layer is kept), on CUDA from the free memory and the model's shape")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
+                   "model's blocks; None: when the texts to embed hold 100,000 tokens or more")
+    p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared by train.py and evaluate.py")
+    p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes, at most")
+    p.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between cache writes, "
+                   "at most (or one batch, if longer): what a kill can lose")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_options(args, quantize=None):
+    return dict(device=args.device, quantize=quantize or args.quantize, max_memory=args.max_memory, batch_size=args.batch_size,
+                max_batch_tokens=args.max_batch_tokens, compile=args.compile, cache_dir=args.cache_dir,
+                chunk_size=args.cache_chunk, chunk_seconds=args.cache_seconds, progress=not args.quiet,
+                fidelity_texts=args.fidelity_texts)
