@@ -40,13 +40,14 @@ class LoRALinear(nn.Module):
 
 
 def check_lora(n_layers, rank, targets, layers):
-    """One-line errors for bad --lora-* flags."""
+    """One-line errors for bad --lora-* flags; n_layers None: the layer count is checked once the
+    model is known (add_lora)."""
     if rank < 0:
         raise ValueError(f"--lora-rank must be 0 (no LoRA) or positive, got {rank}")
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         raise ValueError(f"--lora-targets: unknown {unknown} (choose from {','.join(TARGETS)})")
-    if layers is not None and not 1 <= layers <= n_layers:
+    if layers is not None and not 1 <= layers <= (n_layers or layers):
         raise ValueError(f"--lora-layers must be between 1 and the model's {n_layers} layers, got {layers}")
 
 

@@ -18,6 +18,7 @@ import random
 import statistics
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -213,8 +214,9 @@ def check_flags(args):
         raise ValueError("--epochs and --head-batch-size must be positive, --sweep not negative")
     if (args.sweep or args.layer_sweep or args.compare_pooling) and args.folds:
         raise ValueError("--sweep, --layer-sweep and --compare-pooling use one split: drop --folds")
-    if args.lora_rank:
-        n_layers = Qwen3Config.from_json(resolve_model_dir(args.model) / "config.json").num_hidden_layers
+    if args.lora_rank:  # a flag check reads a local config, never the network: a Hub model is checked once loaded
+        config = Path(args.model) / "config.json"
+        n_layers = Qwen3Config.from_json(config).num_hidden_layers if config.is_file() else None
         check_lora(n_layers, args.lora_rank, args.lora_targets.split(","), args.lora_layers)
         if args.sweep or args.folds or args.layer_sweep or args.compare_pooling or args.layer is not None:
             raise ValueError("--lora-rank trains on one split and the final layer: drop --sweep, --folds, "

@@ -19,8 +19,8 @@ import evaluate
 import mlp_head
 import train
 from data import read_csv, render
-from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, embedded, write_csv
-from qwen_embed import Qwen3Model
+from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, count_forward_passes, embedded, write_csv
+from qwen_embed import Qwen3Embedder, Qwen3Model
 
 NUMBERED_TEXTS = [f"text number {i} " + "word " * (i % 17) for i in range(30)]
 
@@ -232,3 +232,19 @@ def test_a_full_disk_at_the_checkpoint_and_the_submission(tmp_path, tiny, monkey
                                    "--cache-dir", str(tmp_path / "cache"), "--quiet", "--out", str(tmp_path / "sub.csv")])
     assert "no space left on the disk while writing sub.csv" in message and "a rerun only predicts" in message
     assert not (tmp_path / "sub.csv").exists() and not leftovers(tmp_path)
+
+
+def test_a_cache_written_before_is_found(tmp_path, tiny, monkeypatch):
+    """The spec that keys the cache keeps its names and values: vectors cached under the spec as
+    the code wrote it before int4, --no-eos and the fidelity measurement (written here by hand, the
+    vectors by the model) are found, and no forward pass runs."""
+    texts = NUMBERED_TEXTS[:5]
+    before = {"checkpoint": embed_cache.checkpoint_identity(tiny), "model": str(tiny), "instruction": None,
+              "max_length": 8192, "dim": None, "dtype": "float32", "pooling": "last", "layer": None}
+    model = Qwen3Embedder.from_pretrained(tiny, **PINNED_KW)
+    embed_cache.Cache(tmp_path, before).save(embed_cache.text_keys(texts), model.encode(texts, progress=False))
+    calls = count_forward_passes(monkeypatch)
+    logs = []
+    got = embed_cache.embed(texts, str(tiny), cache_dir=tmp_path, progress=False, log=logs.append, **PINNED_KW)[None]
+    assert not calls and "no forward pass" in logs[0]
+    assert torch.equal(got, model.encode(texts, progress=False))

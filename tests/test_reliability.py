@@ -344,3 +344,19 @@ def test_tokenize_and_embed_never_crash_and_stay_aligned(embedder, texts, max_le
     assert vecs.shape == (len(texts), embedder.dim) and torch.isfinite(vecs).all()
     for i in {0, len(texts) - 1}:  # each row is its own text's vector
         assert torch.allclose(vecs[i], embedder.encode([texts[i]], max_length=max_length, progress=False)[0], atol=1e-5)
+
+
+def test_flag_checks_never_touch_the_network(tmp_path, monkeypatch):
+    """With the Hub unreachable, a bad flag on a Hub model id is the flag's one-line error."""
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the network was reached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    data = write_csv(tmp_path / "train.csv")
+    base = ["--data", str(data), "--model", "Qwen/Qwen3-Embedding-0.6B", "--cache-dir", str(tmp_path / "c")]
+    for flags, message in ((["--folds", "1"], "--folds must be 0"),
+                           (["--lora-rank", "4", "--lora-layers", "0"], "--lora-layers must be between 1"),
+                           (["--lora-rank", "4", "--folds", "3"], "--lora-rank trains on one split")):
+        assert message in cli_error(train, base + flags)
