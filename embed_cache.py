@@ -33,7 +33,7 @@ import runtime
 import torchrun
 import weights
 from data import DiskFullError, atomic_path
-from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors
+from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors, reference_vectors
 from runtime import TextTooLongError
 
 MIB = 1 << 20
@@ -326,7 +326,7 @@ def fidelity_sample(n_texts, n, seed=0):
 
 def measure_fidelity(embedder, texts, log, vectors=None, **spec):
     """Per-text cosine between the quantized embedder's vectors of texts (vectors, if the run has
-    computed them already, else encoded here) and the weights as shipped (Qwen3Embedder.reference),
+    computed them already, else encoded here) and the weights as shipped (qwen_embed.reference_vectors),
     one line saying what it found, a warning below FIDELITY_WARN. spec: instruction, max_length,
     pooling, layer, dim, append_eos. Returns {"format", "texts", "min", "mean", "seconds"}."""
     t0 = time.time()
@@ -334,7 +334,7 @@ def measure_fidelity(embedder, texts, log, vectors=None, **spec):
         vectors = embedder.encode(texts, spec.get("instruction"), max_length=spec.get("max_length", 8192),
                                   dim=spec.get("dim"), pooling=spec.get("pooling", "last"), progress=False,
                                   layers=[spec.get("layer")], append_eos=spec.get("append_eos", True))[spec.get("layer")]
-    cos = (vectors * embedder.reference(texts, **spec)).sum(-1)
+    cos = (vectors * reference_vectors(embedder, texts, **spec)).sum(-1)
     found = {"format": embedder.weight_format, "texts": len(texts), "min": round(cos.min().item(), 5),
              "mean": round(cos.mean().item(), 5), "seconds": round(time.time() - t0, 1)}
     log(f"{found['format']} vs as shipped on {found['texts']} of these texts: cosine min {found['min']:.4f}, "

@@ -220,6 +220,45 @@ class Qwen3Model(nn.Module):
         return (x, layers) if return_layers else x
 
 
+# ----------------------------------------------------------------------------- pooling
+
+def pool(h, lengths, pooling, dim=None, normalize=True):
+    """Hidden states to one vector per text. h: (N, hidden) packed; lengths: (B,) on the host ->
+    (B, dim or hidden) float32. "last": the last real token (EOS, unless append_eos=False), found
+    from the lengths: never search for the pad id, which in Qwen3 is the EOS id. "mean": every token."""
+    if pooling == "last":
+        v = h[(lengths.cumsum(0) - 1).to(h.device)].float()                         # (B, hidden)
+    else:
+        seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(h.device)  # (N,) which text
+        v = torch.zeros(len(lengths), h.shape[1], device=h.device).index_add_(0, seq, h.float())
+        v = v / lengths.to(h.device)[:, None]                                        # (B, hidden)
+    v = v[:, :dim] if dim else v  # Matryoshka: the first dim features
+    return F.normalize(v, dim=-1) if normalize else v
+
+
+def pool_keys(states, lengths, batch, keys, dim, normalize):
+    """{(pooling, layer): (B, D) float32 CPU vectors} of one batch, from (final normed states,
+    layer states or None); NaN or Inf raises NonFiniteError naming the texts (indices in batch)."""
+    final, layers = states
+    lengths = torch.tensor(lengths)
+    vectors = {}
+    for pooling, layer in keys:
+        v = pool(final if layer is None else layers[layer], lengths, pooling, dim, normalize).cpu()
+        bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteError(sorted(batch[i] for i in bad))
+        vectors[pooling, layer] = v
+    return vectors
+
+
+class NonFiniteError(FloatingPointError):
+    """Vectors with NaN or Inf; .indices says which texts. Never silently returned."""
+
+    def __init__(self, indices):
+        super().__init__(f"NaN or Inf in the vectors of texts {indices[:20]}{' ...' if len(indices) > 20 else ''}")
+        self.indices = indices
+
+
 # ----------------------------------------------------------------------------- loading
 
 def weight_files(folder):
@@ -328,14 +367,56 @@ def load_tokenizer(folder):
     return tokenizer
 
 
+# ----------------------------------------------------------------------------- tokens and arguments
+
+def tokenize(tokenizer, texts, instruction=None, max_length=8192, append_eos=True):
+    """Token ids per text, at most max_length long, each ending with exactly one EOS.
+
+    The Qwen3-Embedding tokenizer appends EOS in its post-processor and plain Qwen3 LLM
+    tokenizers do not; we encode without special tokens and append it ourselves, so both give
+    the same ids, and truncation keeps the EOS whose hidden state becomes the embedding. A
+    text is data, not control: special tokens written in it (a literal "<|endoftext|>") are
+    tokenized as the plain text they are, never as the special token (as transformers does
+    with split_special_tokens=True; by default it would parse them, and a text would hold an
+    EOS before its end). append_eos=False embeds the text's own tokens alone, as llama.cpp
+    does for a plain Qwen3 LLM (its GGUF sets add_eos_token false): "last" pooling then
+    takes the last real token.
+    """
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings")
+    if max_length < 1 + append_eos:
+        raise ValueError(f"max_length must be >= {1 + append_eos} (one text token{' and EOS' * append_eos}), "
+                         f"got {max_length}")
+    if instruction is not None:  # exactly the official Qwen3-Embedding query format
+        texts = [f"Instruct: {instruction}\nQuery:{t}" for t in texts]
+    try:
+        encoded = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    except TypeError:  # the only str the tokenizer rejects: a lone surrogate, not valid Unicode text
+        bad = [i for i, t in enumerate(texts) if not t.encode("utf-8", "ignore").decode() == t]
+        raise ValueError(f"texts {bad[:20]} are not valid Unicode (lone surrogates)") from None
+    if append_eos:
+        return [e.ids[: max_length - 1] + [tokenizer.token_to_id(EOS)] for e in encoded]
+    empty = [i for i, e in enumerate(encoded) if not e.ids]
+    if empty:
+        raise ValueError(f"texts {empty[:20]} are empty: without EOS (--no-eos) an empty text has no token to embed")
+    return [e.ids[:max_length] for e in encoded]
+
+
+def check_encode(config, keys, dim, batch_size, max_batch_tokens):
+    """One-line errors for bad encode arguments; keys: (pooling, layer index as given), dim, limits."""
+    n = config.num_hidden_layers
+    if any(pooling not in ("last", "mean") for pooling, _ in keys):
+        raise ValueError(f"pooling must be 'last' or 'mean', got {sorted({p for p, _ in keys})}")
+    if any(layer is not None and not -n - 1 <= layer <= n for _, layer in keys):
+        raise ValueError(f"layers must be in [-{n + 1}, {n}], got {[layer for _, layer in keys]}")
+    if dim is not None and not 1 <= dim <= config.hidden_size:
+        raise ValueError(f"dim must be between 1 and the hidden size {config.hidden_size}, got {dim}")
+    if (batch_size is not None and batch_size < 1) or (max_batch_tokens is not None and max_batch_tokens < 1):
+        raise ValueError("batch_size and max_batch_tokens must be positive")
+
+
 # ----------------------------------------------------------------------------- embedder
 
-class NonFiniteError(FloatingPointError):
-    """Vectors with NaN or Inf; .indices says which texts. Never silently returned."""
-
-    def __init__(self, indices):
-        super().__init__(f"NaN or Inf in the vectors of texts {indices[:20]}{' ...' if len(indices) > 20 else ''}")
-        self.indices = indices
 
 
 class Qwen3Embedder:
@@ -376,41 +457,10 @@ class Qwen3Embedder:
             load_weights(model, folder, device, dtype, fmt)
         return cls(model.eval(), tokenizer, device, dtype, name or str(folder), compile, fmt, folder)
 
-    @property
-    def dim(self):
-        return self.model.config.hidden_size
+    dim = property(lambda self: self.model.config.hidden_size)
 
     def tokenize(self, texts, instruction=None, max_length=8192, append_eos=True):
-        """Token ids per text, at most max_length long, each ending with exactly one EOS.
-
-        The Qwen3-Embedding tokenizer appends EOS in its post-processor and plain Qwen3 LLM
-        tokenizers do not; we encode without special tokens and append it ourselves, so both give
-        the same ids, and truncation keeps the EOS whose hidden state becomes the embedding. A
-        text is data, not control: special tokens written in it (a literal "<|endoftext|>") are
-        tokenized as the plain text they are, never as the special token (as transformers does
-        with split_special_tokens=True; by default it would parse them, and a text would hold an
-        EOS before its end). append_eos=False embeds the text's own tokens alone, as llama.cpp
-        does for a plain Qwen3 LLM (its GGUF sets add_eos_token false): "last" pooling then
-        takes the last real token.
-        """
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a list of strings")
-        if max_length < 1 + append_eos:
-            raise ValueError(f"max_length must be >= {1 + append_eos} (one text token{' and EOS' * append_eos}), "
-                             f"got {max_length}")
-        if instruction is not None:  # exactly the official Qwen3-Embedding query format
-            texts = [f"Instruct: {instruction}\nQuery:{t}" for t in texts]
-        try:
-            encoded = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        except TypeError:  # the only str the tokenizer rejects: a lone surrogate, not valid Unicode text
-            bad = [i for i, t in enumerate(texts) if not t.encode("utf-8", "ignore").decode() == t]
-            raise ValueError(f"texts {bad[:20]} are not valid Unicode (lone surrogates)") from None
-        if append_eos:
-            return [e.ids[: max_length - 1] + [self.eos_id] for e in encoded]
-        empty = [i for i, e in enumerate(encoded) if not e.ids]
-        if empty:
-            raise ValueError(f"texts {empty[:20]} are empty: without EOS (--no-eos) an empty text has no token to embed")
-        return [e.ids[:max_length] for e in encoded]
+        return tokenize(self.tokenizer, texts, instruction, max_length, append_eos)
 
     def encode(self, texts, instruction=None, batch_size=None, max_length=8192, dim=None,
                normalize=True, progress=True, pooling="last", max_batch_tokens=None, layers=None,
@@ -436,53 +486,21 @@ class Qwen3Embedder:
                 bar.update(len(batch))
         return out[keys[0]] if layers is None else {layer: out[key] for layer, key in zip(layers, keys)}
 
-    def reference(self, texts, instruction=None, max_length=8192, pooling="last", layer=None, dim=None,
-                  append_eos=True):
-        """What encode would return with the weights as shipped (L2-normed), computed with them
-        streamed from the checkpoint one block at a time (streamed_states), in this model's compute
-        dtype: the yardstick of a quantized model, at the memory of one block more."""
-        ids = self.tokenize(texts, instruction, max_length, append_eos)
-        key = self.layer_keys([layer])[0]
-        h = streamed_states(self.folder, self.model.config, ids, self.device, self.dtype, key,
-                            runtime.default_batch_tokens(self.model.config, self.device, self.dtype))
-        return self.pool(h, torch.tensor([len(i) for i in ids]), pooling, dim, True).cpu()
-
-    def fidelity(self, texts, instruction=None, max_length=8192, pooling="last", layer=None, append_eos=True):
-        """Per-text cosine between this model's vectors and the weights as shipped' (reference):
-        what quantization costs on these texts. A (len(texts),) float32 tensor; ones as shipped."""
-        ours = self.encode(texts, instruction, max_length=max_length, pooling=pooling, progress=False,
-                           layers=[layer], append_eos=append_eos)[layer]
-        return (ours * self.reference(texts, instruction, max_length, pooling, layer, None, append_eos)).sum(-1)
-
-    @property
-    def compiled(self):
-        return self.fast.compiled
-
-    def check(self, keys, dim, batch_size, max_batch_tokens):
-        """One-line errors for bad encode arguments; keys: (pooling, layer index as given)."""
-        n = self.model.config.num_hidden_layers
-        if any(pooling not in ("last", "mean") for pooling, _ in keys):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {sorted({p for p, _ in keys})}")
-        if any(layer is not None and not -n - 1 <= layer <= n for _, layer in keys):
-            raise ValueError(f"layers must be in [-{n + 1}, {n}], got {[layer for _, layer in keys]}")
-        if dim is not None and not 1 <= dim <= self.dim:
-            raise ValueError(f"dim must be between 1 and the hidden size {self.dim}, got {dim}")
-        if (batch_size is not None and batch_size < 1) or (max_batch_tokens is not None and max_batch_tokens < 1):
-            raise ValueError("batch_size and max_batch_tokens must be positive")
+    compiled = property(lambda self: self.fast.compiled)
+    pool = staticmethod(pool)  # the embedder's pooling, for callers that hold an embedder
 
     def layer_keys(self, layers):
         """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers."""
         n = self.model.config.num_hidden_layers
-        self.check([("last", layer) for layer in layers], None, None, None)
+        check_encode(self.model.config, [("last", layer) for layer in layers], None, None, None)
         return [None if layer is None else layer % (n + 1) for layer in layers]
 
     def stream(self, ids, keys, dim=None, normalize=True, batch_size=None, max_batch_tokens=None, log=None):
-        """Embed tokenized texts one batch at a time, shortest first, in ONE forward pass for every
-        (pooling, layer) key asked: an iterator of (indices into ids, {key: (len(indices), D) float32
-        CPU tensor}), so that a caller can save as it goes. The arguments are checked here, before
-        the first batch; the batches run through runtime.run_batches (out-of-memory halving, fast
-        path fallback)."""
-        self.check(keys, dim, batch_size, max_batch_tokens)
+        """Embed tokenized texts batch by batch, ONE forward pass for every (pooling, layer) key: an
+        iterator of (indices into ids, {key: (len(indices), D) float32 CPU tensor}), so that a caller
+        can save as it goes. Arguments checked here, before the first batch; runtime.run_batches
+        runs the batches (out-of-memory halving, fast-path fallback)."""
+        check_encode(self.model.config, keys, dim, batch_size, max_batch_tokens)
         return self.batches(ids, keys, dim, normalize, batch_size, max_batch_tokens, log or (lambda *_: None))
 
     @torch.inference_mode()
@@ -493,30 +511,24 @@ class Qwen3Embedder:
                                                                   need_layers)
         for batch, states in runtime.run_batches(self.model, ids, budget, batch_size, need_layers, self.device,
                                                  self.fast, log):
-            yield batch, self.pool_all(states, [len(ids[i]) for i in batch], batch, keys, dim, normalize)
+            yield batch, pool_keys(states, [len(ids[i]) for i in batch], batch, keys, dim, normalize)
 
-    def pool_all(self, states, lengths, batch, keys, dim, normalize):
-        """{(pooling, layer): (B, D) float32 CPU vectors}; NaN or Inf raises NonFiniteError."""
-        final, layers = states
-        lengths = torch.tensor(lengths)
-        vectors = {}
-        for pooling, layer in keys:
-            v = self.pool(final if layer is None else layers[layer], lengths, pooling, dim, normalize).cpu()
-            bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
-            if bad:
-                raise NonFiniteError(sorted(batch[i] for i in bad))
-            vectors[pooling, layer] = v
-        return vectors
+    def fidelity(self, texts, instruction=None, max_length=8192, pooling="last", layer=None, append_eos=True):
+        """Per-text cosine between this model's vectors and the weights as shipped' (reference_vectors):
+        what quantization costs on these texts. A (len(texts),) float32 tensor; ones as shipped."""
+        ours = self.encode(texts, instruction, max_length=max_length, pooling=pooling, progress=False,
+                           layers=[layer], append_eos=append_eos)[layer]
+        return (ours * reference_vectors(self, texts, instruction, max_length, pooling, layer, None,
+                                         append_eos)).sum(-1)
 
-    @staticmethod
-    def pool(h, lengths, pooling, dim, normalize):  # h: (N, hidden), lengths: (B,) on the host -> (B, dim) float32
-        if pooling == "last":
-            # The last real token, found from the lengths. Never search for the pad id: in Qwen3
-            # it is the same id as EOS.
-            v = h[(lengths.cumsum(0) - 1).to(h.device)].float()
-        else:
-            seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(h.device)
-            v = torch.zeros(len(lengths), h.shape[1], device=h.device).index_add_(0, seq, h.float())
-            v = v / lengths.to(h.device)[:, None]
-        v = v[:, :dim] if dim else v
-        return F.normalize(v, dim=-1) if normalize else v
+
+def reference_vectors(embedder, texts, instruction=None, max_length=8192, pooling="last", layer=None, dim=None,
+                      append_eos=True):
+    """What embedder.encode would return with the weights as shipped (L2-normed), computed with them
+    streamed from the checkpoint one block at a time (streamed_states), in the embedder's compute
+    dtype: the yardstick of a quantized model, at the memory of one block more."""
+    ids = embedder.tokenize(texts, instruction, max_length, append_eos)
+    config, key = embedder.model.config, embedder.layer_keys([layer])[0]
+    h = streamed_states(embedder.folder, config, ids, embedder.device, embedder.dtype, key,
+                        runtime.default_batch_tokens(config, embedder.device, embedder.dtype))
+    return pool(h, torch.tensor([len(i) for i in ids]), pooling, dim, True).cpu()
