@@ -324,6 +324,14 @@ def fidelity_sample(n_texts, n, seed=0):
     return sorted(random.Random(seed).sample(range(n_texts), min(n, n_texts)))
 
 
+def measure_sample(embedder, texts, n, log, **spec):
+    """measure_fidelity on a seeded sample of n texts, encoding them here (the LoRA paths, which
+    cache no vectors); None for weights as shipped or n = 0."""
+    if embedder.weight_format == "none" or not n:
+        return None
+    return measure_fidelity(embedder, [texts[i] for i in fidelity_sample(len(texts), n)], log, **spec)
+
+
 def measure_fidelity(embedder, texts, log, vectors=None, **spec):
     """Per-text cosine between the quantized embedder's vectors of texts (vectors, if the run has
     computed them already, else encoded here) and the weights as shipped (qwen_embed.reference_vectors),

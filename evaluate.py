@@ -54,11 +54,9 @@ def lora_vectors(args, meta, texts, dtype, quantize):
     spec, lora = meta["embedding"], meta["lora"]
     embedder = Qwen3Embedder.from_pretrained(spec["model"], device=args.device, dtype=dtype, compile=args.compile,
                                              quantize=quantize, max_memory=args.max_memory, log=print)
-    if embedder.weight_format != "none" and args.fidelity_texts:
-        sample = [texts[i] for i in embed_cache.fidelity_sample(len(texts), args.fidelity_texts)]
-        embed_cache.measure_fidelity(embedder, sample, print, instruction=spec["instruction"],
-                                     max_length=spec["max_length"], pooling=spec["pooling"], dim=spec["dim"],
-                                     append_eos=spec.get("eos", True))
+    embed_cache.measure_sample(embedder, texts, args.fidelity_texts, print, instruction=spec["instruction"],
+                               max_length=spec["max_length"], pooling=spec["pooling"], dim=spec["dim"],
+                               append_eos=spec.get("eos", True))
     add_lora(embedder.model, lora["rank"], lora["alpha"], lora["targets"], lora["layers"])
     file = Path(args.checkpoint) / lora["file"]
     if not file.is_file():

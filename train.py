@@ -141,12 +141,9 @@ def train_lora(args, texts, y, tr, va, labels, log=print):
     fidelity: measure_fidelity's figures on a quantized base, else None)."""
     embedder = Qwen3Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=False,
                                              quantize=args.quantize, max_memory=args.max_memory, log=log)
-    fidelity = None
-    if embedder.weight_format != "none" and args.fidelity_texts:
-        sample = [texts[i] for i in embed_cache.fidelity_sample(len(texts), args.fidelity_texts)]
-        fidelity = embed_cache.measure_fidelity(embedder, sample, log, instruction=args.instruction,
-                                                max_length=args.max_length, pooling=args.pooling, dim=args.dim,
-                                                append_eos=not args.no_eos)
+    fidelity = embed_cache.measure_sample(embedder, texts, args.fidelity_texts, log, instruction=args.instruction,
+                                          max_length=args.max_length, pooling=args.pooling, dim=args.dim,
+                                          append_eos=not args.no_eos)
     model, head_device = embedder.model, pick_device(args.head_device or embedder.device)
     torch.manual_seed(args.seed)  # same seed: same adapters, head, batches, dropout
     lora = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), args.lora_layers)
