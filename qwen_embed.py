@@ -37,12 +37,12 @@ EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into 
 
 @dataclass(frozen=True)
 class Qwen3Config:
-    vocab_size: int           # 151669 in Qwen3-Embedding checkpoints, 151936 in the plain Qwen3 LLMs
+    vocab_size: int           # 151669 in Qwen3-Embedding checkpoints, 151936 in the Qwen3 LLMs
     hidden_size: int          # width of the residual stream: 1024 (0.6B), 2560 (4B), 4096 (8B)
     num_hidden_layers: int
     num_attention_heads: int  # query heads
     num_key_value_heads: int  # fewer key/value heads, each shared by a group of query heads
-    head_dim: int             # 128 in every size: NOT hidden_size / num_attention_heads (64 for 0.6B)
+    head_dim: int             # 128 in every size: NOT hidden_size / num_attention_heads (0.6B: 64)
     intermediate_size: int    # MLP width
     rms_norm_eps: float
     rope_theta: float         # RoPE base frequency
@@ -54,7 +54,8 @@ class Qwen3Config:
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if cfg.get("model_type") != "qwen3":
-            raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, only 'qwen3' is supported")
+            raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, only 'qwen3' is "
+                             f"supported")
         # Refuse what we do not implement rather than silently computing something else.
         rope = cfg.get("rope_parameters") or {}
         unsupported = {
@@ -69,7 +70,7 @@ class Qwen3Config:
         for key, bad in unsupported.items():
             if bad:
                 raise ValueError(f"{path}: unsupported config {key}={cfg.get(key.split('.')[0])!r}")
-        # Recent transformers writes rope_theta inside rope_parameters; the Hub's files have it on top.
+        # Recent transformers writes rope_theta inside rope_parameters; the Hub's files, on top.
         cfg.setdefault("rope_theta", rope.get("rope_theta"))
         missing = [f for f in cls.__dataclass_fields__ if cfg.get(f) is None]
         if missing:
@@ -93,8 +94,9 @@ class RMSNorm(nn.Module):
 
 
 def rope(positions, head_dim, theta, dtype):
-    """cos, sin of shape (N, head_dim) for rotate-half RoPE, computed in float32 like the reference."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    """cos, sin of shape (N, head_dim) for rotate-half RoPE, in float32 like the reference."""
+    even = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device)  # (head_dim/2,)
+    inv_freq = 1.0 / (theta ** (even / head_dim))
     freqs = positions.float()[:, None] * inv_freq  # (N, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)        # (N, head_dim): both halves use the same angle
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -120,10 +122,11 @@ class Packing:
         seq = torch.repeat_interleave(torch.arange(self.B), lengths)  # (N,) which text
         positions = torch.arange(int(cu[-1])) - cu[seq]               # (N,) restart at 0 per text
         slot = seq * self.max_len + positions  # (N,) each token's place in a (B, max_len) grid
-        self.positions, self.slot, self.cu = (t.to(device) for t in (positions, slot, cu.to(torch.int32)))
+        cu = cu.to(torch.int32)
+        self.positions, self.slot, self.cu = (t.to(device) for t in (positions, slot, cu))
 
     def attention(self, q, k, v):
-        """Causal attention within each text. q: (N, n_head, d); k, v: (N, n_kv, d) -> (N, n_head, d)."""
+        """Causal attention per text: q (N, n_head, d); k, v (N, n_kv, d) -> (N, n_head, d)."""
         if self.varlen:
             return runtime.causal_varlen_attn(q, k, v, self.cu, self.max_len)
         # SDPA wants a rectangle, so scatter into a right-padded (B, heads, T, d) grid. Right
@@ -141,14 +144,15 @@ class Packing:
         return grid.view(self.B, self.max_len, *t.shape[1:]).transpose(1, 2)
 
     def from_grid(self, grid):  # (B, h, T, d) -> (N, h, d), the real tokens only
-        flat = grid.transpose(1, 2).reshape(self.B * self.max_len, grid.shape[1], grid.shape[3])  # (B * T, h, d)
+        flat = grid.transpose(1, 2).reshape(self.B * self.max_len, *grid.shape[1::2])  # (B*T, h, d)
         return flat[self.slot]
 
 
 class Attention(nn.Module):
     def __init__(self, c: Qwen3Config):
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.n_head, self.n_kv, self.head_dim = (c.num_attention_heads, c.num_key_value_heads,
+                                                 c.head_dim)
         self.q_proj = nn.Linear(c.hidden_size, self.n_head * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * c.head_dim, bias=False)
@@ -200,7 +204,7 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, input_ids, lengths, return_layers=False, varlen=False):
-        """input_ids: (N,) the texts' tokens concatenated; lengths: (B,) tokens per text, on the host.
+        """input_ids: (N,) the texts' tokens concatenated; lengths: (B,) tokens per text, on host.
 
         Returns the final normed hidden states (N, hidden). With return_layers, also the list of
         num_hidden_layers + 1 residual-stream states (embeddings, then after each layer), un-normed.
