@@ -166,9 +166,17 @@ def read_stored(f, key, fmt, dtype, device, file, offset):
         t = f.get_tensor(key)  # memory-mapped: the same dtype on the CPU stays a view of the file
         return {"weight": t.to(device=device, dtype=dtype if len(shape) != 2 else stored_dtype(t.dtype, dtype))}
     source, quantize = SAFETENSORS_DTYPES[sliced.get_dtype()], quantize_int8 if bits == 8 else quantize_int4
-    blocks = [quantize(read_rows(file, offset, shape, source, start, min(shape[0], start + ROWS_PER_READ)))
-              for start in range(0, shape[0], ROWS_PER_READ)]  # a block of rows at a time: no full-precision copy
-    return {name: torch.cat([b[name].to(device) for b in blocks]) for name in blocks[0]}
+    stored = {}
+    for start in range(0, shape[0], ROWS_PER_READ):  # a block of rows at a time: no full-precision copy
+        stop = min(shape[0], start + ROWS_PER_READ)
+        block = quantize(read_rows(file, offset, shape, source, start, stop))
+        for name, t in block.items():  # filled in place: never the quantized tensor twice either
+            if name not in stored:
+                stored[name] = torch.empty((shape[0], *t.shape[1:]), dtype=t.dtype, device=device)
+            stored[name][start:stop] = t.to(device)
+    return stored
+
+
 def read_rows(file, offset, shape, dtype, start, stop):
     """Rows start:stop of a 2-D tensor whose bytes start at offset in file, read with plain file
     I/O: through the OS's cache, not mapped into this process (a memory-mapped read keeps every page
