@@ -260,7 +260,8 @@ def bench_head(args):
     flags = train.parse_args(["--folds", str(args.head_folds), "--epochs", str(args.head_epochs),
                               "--head-device", str(device)])
     t = time.perf_counter()
-    train.cross_validate(x, y, [labels[i] for i in y.tolist()], labels, flags, None, print, train.silent)
+    task = train.Task(labels, y, [labels[i] for i in y.tolist()], torch.arange(len(y)), y[:0], None)
+    train.cross_validate(flags, x, task, quiet=True)
     sync(device)
     seconds, epochs = time.perf_counter() - t, args.head_folds * args.head_epochs
     print(f"head: {args.head_rows} x {args.head_dim} vectors, {args.head_classes} classes, {args.head_folds} folds x "

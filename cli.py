@@ -13,6 +13,7 @@ import sys
 
 import weights
 from data import DiskFullError
+from embed_cache import RunOptions
 
 
 def cli(main, parse_args, argv=None):
@@ -46,7 +47,7 @@ def cli(main, parse_args, argv=None):
 def add_flags(p, quantize_default="auto"):
     """The flags that train.py and evaluate.py share: where and how the model runs (None: chosen by
     the device and the job, as in Qwen3Embedder) and the cache; run_options(args) turns them into
-    ensure_cached()'s arguments."""
+    the RunOptions of embed_cache.ensure_cached (--quantize is the EmbedSpec's weights)."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ...; None: cuda, else mps, else cpu")
     p.add_argument("--quantize", choices=["auto", *weights.FORMATS], default=quantize_default,
                    help="how the weights are kept: none = as shipped (bf16), int8 = group-wise int8 (8.5 bits per "
@@ -72,8 +73,7 @@ def add_flags(p, quantize_default="auto"):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run_options(args, quantize=None):
-    return dict(device=args.device, quantize=quantize or args.quantize, max_memory=args.max_memory, batch_size=args.batch_size,
-                max_batch_tokens=args.max_batch_tokens, compile=args.compile, cache_dir=args.cache_dir,
-                chunk_size=args.cache_chunk, chunk_seconds=args.cache_seconds, progress=not args.quiet,
-                fidelity_texts=args.fidelity_texts)
+def run_options(args):
+    """The shared flags as embed_cache.RunOptions (which checks them)."""
+    return RunOptions(args.device, args.max_memory, args.batch_size, args.max_batch_tokens, args.compile,
+                      args.cache_dir, args.cache_chunk, args.cache_seconds, args.fidelity_texts, not args.quiet)

@@ -4,25 +4,28 @@
     CACHE_DIR/<spec hash>/chunk-*.safetensors     keys (n, 32) uint8 = sha256 of each text,
                                                   vectors (n, D) float32
 
-The spec hash covers everything that changes a vector: the checkpoint's identity (config, tokenizer,
-the size and first and last MiB of each weights file), instruction, max_length, pooling, dim, dtype,
-weight format (int8) and layer; the text itself is the per-row key. One forward pass fills every
-(pooling, layer) spec a run asks for. A chunk is written every chunk_size texts or chunk_seconds
-(15 s), whichever comes first, to a temporary name and renamed: a run killed at any moment loses at
-most that much work, and a rerun computes only what is missing. Ctrl-C saves what was computed. More
-than COMPACT_AT chunk files are merged into one at the end of a run. Two runs may share a cache
-folder: nothing is locked, files are only ever added whole or deleted once their vectors are in
-another file. Reading fills one (rows, D) matrix with the rows asked for, and only those.
-Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the ranks share the missing texts
-(torchrun.py).
+What changes a vector is an EmbedSpec (model, instruction, max_length, pooling, layer, dim,
+dtype, weight format, EOS); its hash, with the checkpoint's identity (config, tokenizer, the size
+and first and last MiB of each weights file), names the folder, and the text itself is the
+per-row key. Where and how the vectors are computed (RunOptions) never enters the hash. One
+forward pass fills every (pooling, layer) a run asks for. A chunk is written every chunk_size
+texts or chunk_seconds (15 s), whichever comes first, to a temporary name and renamed: a run
+killed at any moment loses at most that much work, and a rerun computes only what is missing.
+Ctrl-C saves what was computed. More than COMPACT_AT chunk files are merged into one at the end
+of a run. Two runs may share a cache folder: nothing is locked, files are only ever added whole
+or deleted once their vectors are in another file. Reading fills one (rows, D) matrix with the
+rows asked for, and only those. Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the
+ranks share the missing texts (torchrun.py).
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
 import shutil
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +36,8 @@ import runtime
 import torchrun
 import weights
 from data import DiskFullError, atomic_path
-from qwen_embed import NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors, reference_vectors
+from qwen_embed import (NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors, layer_keys,
+                        reference_vectors)
 from runtime import TextTooLongError
 
 MIB = 1 << 20
@@ -41,6 +45,296 @@ COMPACT_AT = 8  # chunk files in one cache folder before they are merged into on
 FIDELITY_WARN = 0.99  # min cosine against as shipped under which a quantized run warns
 PENDING_BYTES = 256 * MIB  # vectors held before a write, at most: with 76 specs of 4096-d, 215 texts
 
+
+# ----------------------------------------------------------------------------- what a vector depends on
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """What a vector depends on, besides its text and the checkpoint's files: equal specs, equal
+    vectors. dtype None and weights "auto" are requests; a run decides them once (decide) and the
+    decided spec is the one hashed for the cache and saved as meta.json's "embedding"."""
+    model: str  # a Hub repo id or a checkpoint folder, as the user named it
+    instruction: str | None = None  # Qwen3-Embedding's "Instruct: ...\nQuery:" prefix
+    max_length: int = 8192  # tokens per text, EOS included
+    pooling: str = "last"  # the last (EOS) token's state, or the mean of the tokens'
+    layer: int | None = None  # None: the final normed output; else a layer's raw state
+    dim: int | None = None  # keep the first dim features (Matryoshka); None: all
+    dtype: str | None = None  # compute dtype; None: the device's default
+    weights: str = "auto"  # none (as shipped), int8, int4; auto: the first that fits
+    eos: bool = True  # append <|endoftext|>, whose state "last" pools
+
+    def __post_init__(self):  # what needs no checkpoint is checked here, before any work
+        if self.max_length < 1 + self.eos:
+            raise ValueError(f"--max-length must be at least {1 + self.eos} (one text token"
+                             f"{' and EOS' * self.eos}), got {self.max_length}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"--dim must be positive, got {self.dim}")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"--pooling must be 'last' or 'mean', got {self.pooling!r}")
+        if self.weights not in ("auto", *weights.FORMATS):
+            raise ValueError(f"--quantize must be auto or one of {weights.FORMATS}, got {self.weights!r}")
+
+    @classmethod
+    def from_meta(cls, embedding):
+        """The spec a checkpoint's meta.json saved (older ones lack weights and eos: as shipped, EOS)."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{"weights": "none", **{k: v for k, v in embedding.items() if k in fields}})
+
+    def key(self, checkpoint):
+        """What the cache hashes: the names and values it hashed before this class, so that those
+        caches stay valid. checkpoint: the folder's checkpoint_identity; layer as stored."""
+        key = {"checkpoint": checkpoint, "model": self.model, "instruction": self.instruction,
+               "max_length": self.max_length, "dim": self.dim, "dtype": self.dtype,
+               "pooling": self.pooling, "layer": self.layer}
+        if self.weights != "none":  # as shipped keeps the caches of before int8; int8 names its group
+            key["weights"] = f"{self.weights}-g{weights.GROUP}"
+        if not self.eos:  # with EOS, the caches of before --no-eos stay valid
+            key["eos"] = False
+        return key
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how the vectors are computed and saved: nothing here changes a vector."""
+    device: str | None = None  # cpu, cuda, cuda:1, mps ...; None: cuda, else mps, else cpu
+    max_memory: float | None = None  # GB that weights="auto" may fill; None: what is free
+    batch_size: int | None = None  # texts per forward pass, at most
+    max_batch_tokens: int | None = None  # tokens per forward pass; None: by device and model
+    compile: bool | None = None  # torch.compile; None: when the job is big enough to repay it
+    cache_dir: str = ".cache/embeddings"
+    chunk_size: int = 1024  # texts embedded between cache writes, at most
+    chunk_seconds: float = 15  # seconds of embedding between cache writes, at most
+    fidelity_texts: int = 64  # int8 or int4: texts measured against the weights as shipped
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.fidelity_texts < 0:
+            raise ValueError(f"--fidelity-texts must be 0 (skip) or positive, got {self.fidelity_texts}")
+        for flag, value in (("--cache-chunk", self.chunk_size), ("--cache-seconds", self.chunk_seconds),
+                            ("--batch-size", self.batch_size), ("--max-batch-tokens", self.max_batch_tokens),
+                            ("--max-memory", self.max_memory)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{flag} must be positive, got {value}")
+
+
+# ----------------------------------------------------------------------------- embedding through the cache
+
+def embed(texts, model, *, layers=None, ids=None, log=print, **kw):
+    """{layer: (len(texts), D) float32} of one pooling, through the cache: ensure_cached for a
+    Python caller, its keywords EmbedSpec's and RunOptions' fields; None on a torchrun rank > 0."""
+    names = {f.name for f in dataclasses.fields(EmbedSpec)}
+    spec = EmbedSpec(str(model), **{k: v for k, v in kw.items() if k in names})
+    run = RunOptions(**{k: v for k, v in kw.items() if k not in names})
+    stored = ensure_cached(texts, spec, run, layers=layers, ids=ids, log=log)
+    return None if stored is None else {layer: v.load() for (_, layer), v in stored.items()}
+
+
+def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, ids=None, log=print):
+    """Put the vectors of every text for every (pooling, layer) in the cache, computing the
+    missing ones in ONE forward pass, and return {(pooling, layer): Vectors}: handles that read
+    one matrix each. poolings, layers: default the spec's own; layers="all": the final normed
+    output (None) and every layer 0..num_hidden_layers. ids: a name per text, for errors.
+
+    The spec's dtype and weight format are decided here, once for the run (decide); with int8 or
+    int4, run.fidelity_texts of the texts embedded are measured against the weights as shipped
+    (measure_fidelity), the figures kept in the cache's spec.json. Under torchrun each rank embeds
+    a share of the missing texts, balanced by tokens; rank 0 gets the handles, the others None.
+    """
+    rank, world, device = torchrun.distributed(runtime.pick_device(run.device))  # before any GPU work
+    if rank:  # logs and progress bars from rank 0 only
+        log, run = (lambda *_: None), replace(run, progress=False, fidelity_texts=0)
+    folder = runtime.resolve_model_dir(spec.model)
+    config = Qwen3Config.from_json(folder / "config.json")
+    layers = [None, *range(config.num_hidden_layers + 1)] if layers == "all" else layers or [spec.layer]
+    keys = layer_keys(config, layers, spec.dim)
+    spec, why, model_bytes = decide(spec, run, folder, config, device, keys)
+    checkpoint, dim = checkpoint_identity(folder), spec.dim or config.hidden_size
+    caches = {(p, k): Cache(run.cache_dir, replace(spec, pooling=p, layer=k).key(checkpoint))
+              for p in poolings or [spec.pooling] for k in dict.fromkeys(keys)}
+    text_key = [bytes(k) for k in text_keys(texts).numpy()]
+    todo, n_missing = missing(caches.values(), text_key, dim)
+    torchrun.barrier(world)  # every rank has read the same cache before any rank writes to it
+    if not todo:
+        log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
+    else:
+        log(f"embeddings: {len(texts) - n_missing} cached, computing {len(todo)} with {spec.model} on "
+            f"{device} in {spec.dtype}" + (f", {world} processes" if world > 1 else ""))
+        say_size(len(todo), len(texts), len(caches), dim, run.cache_dir, model_bytes, log)
+        log(why)
+        embedder = Qwen3Embedder.load(folder, config, device, runtime.DTYPES[spec.dtype], spec.weights,
+                                      run.compile, spec.model)
+        found = compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches, spec,
+                        run, lambda bad: [ids[i] if ids else i for i, t in enumerate(texts) if t in bad], log)
+        for cache in caches.values() if found else ():
+            cache.note({"fidelity": found})
+        del embedder  # the model's memory is free before anything reads the vectors
+    torchrun.barrier(world)  # all chunks written
+    if rank:
+        return None
+    compact(caches.values(), dim, log)
+    return {(p, layer): Vectors(caches[p, k], text_key, dim, replace(spec, pooling=p, layer=layer))
+            for p in poolings or [spec.pooling] for layer, k in zip(layers, keys)}
+
+
+def decide(spec, run, folder, config, device, keys):
+    """The spec's requests decided, once for the run: the compute dtype (None: the device's
+    default) and the weight format ("auto": weights.choose_format, the first that fits the memory
+    budget with room for a batch). Returns (decided spec, the line saying why that format, the
+    bytes the model and a batch will hold)."""
+    dtype = runtime.pick_device_dtype(device, spec.dtype)[1]
+    tensors = checkpoint_tensors(folder)
+    budget = run.max_batch_tokens or runtime.room_batch_tokens(config, device, dtype,
+                                                               any(k is not None for k in keys))
+    fmt, why = weights.choose_format(spec.weights, tensors, config, dtype, budget,
+                                     runtime.memory_budget(device, run.max_memory))
+    held = weights.weight_bytes(tensors, fmt, dtype) + weights.batch_room(config, tensors, dtype, budget)
+    return replace(spec, dtype=runtime.dtype_name(dtype), weights=fmt), why, held
+
+
+def missing(caches, text_key, dim):
+    """(first row of each distinct text that some cache lacks, rows lacking). One cache's key set
+    is held at a time."""
+    lacking = set()
+    for cache in caches:
+        present = cache.present(dim)
+        lacking.update(i for i, k in enumerate(text_key) if k not in present)
+    first = {}
+    for i in sorted(lacking):
+        first.setdefault(text_key[i], i)
+    return list(first.values()), len(lacking)
+
+
+def say_size(n_todo, n_texts, n_specs, dim, cache_dir, model_bytes, log):
+    """One line on what the run will write and hold, before any work; a disk that cannot take it
+    is a one-line error."""
+    disk, pending = n_todo * n_specs * (dim * 4 + 32), min(PENDING_BYTES, n_todo * n_specs * dim * 4)
+    where = Path(cache_dir).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    shape = f"{n_todo} texts x {n_specs} (pooling, layer) x {dim} x 4 B"
+    if disk > free:
+        raise ValueError(f"--cache-dir {cache_dir}: the vectors need {size(disk)} ({shape}) and the "
+                         f"disk has {size(free)} free")
+    log(f"cache: {shape} = {size(disk)} on disk; memory while embedding about "
+        f"{(model_bytes + pending) / runtime.GB:.1f} GB (the model and a batch, "
+        f"{pending / runtime.GB:.2f} GB of vectors before each write); after it, "
+        f"{n_texts * dim * 4 / runtime.GB:.2f} GB per (pooling, layer) loaded")
+
+
+def size(n_bytes):
+    """Bytes for a person: MB under a GB, GB above."""
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes < runtime.GB else f"{n_bytes / runtime.GB:.2f} GB"
+
+
+def compute(embedder, texts, keys, caches, spec, run, rows_of, log):
+    """Embed texts (this rank's share of them) in one pass for every cache's (pooling, layer),
+    writing chunks as it goes. keys: their text keys; rows_of(texts) names the rows holding them.
+    Returns measure_fidelity's figures on run.fidelity_texts of the vectors just computed, for
+    int8 or int4 weights (else None)."""
+    rank, world = torchrun.rank_and_world()
+    dim = spec.dim or embedder.dim
+    tokens = embedder.tokenize(texts, spec.instruction, spec.max_length, spec.eos)  # shares, batches
+    mine = torchrun.balance([len(t) for t in tokens], world)[rank] if world > 1 else range(len(texts))
+    rows = torch.tensor([list(keys[j]) for j in mine], dtype=torch.uint8).reshape(-1, 32)
+    writer = ChunkWriter(caches, rows, dim, run.chunk_size, run.chunk_seconds)
+    sample = fidelity_sample(len(mine), run.fidelity_texts * (spec.weights != "none"))
+    wanted, first, kept = set(sample), next(iter(caches)), {}  # of the first (pooling, layer)
+    t0 = time.time()
+    with tqdm(total=len(mine), desc="embedding", unit="text", disable=not run.progress) as bar:
+        with saved_on_error(writer, texts, mine, rows_of, len(caches) * dim):
+            for batch, vectors in embedder.stream([tokens[j] for j in mine], list(caches), spec.dim, True,
+                                                  run.batch_size, run.max_batch_tokens, log=bar.write):
+                writer.add(batch, vectors)
+                kept.update({i: vectors[first][j] for j, i in enumerate(batch) if i in wanted})
+                bar.update(len(batch))
+    if world > 1:
+        every = torchrun.gather((rank, len(mine), sum(len(tokens[j]) for j in mine), time.time() - t0), world)
+        for r, n_texts, n_tokens, seconds in every:
+            log(f"rank {r}: {n_texts} texts, {n_tokens} tokens, {seconds:.1f}s")
+    if not sample:
+        return None
+    return measure_fidelity(embedder, [texts[mine[i]] for i in sample], replace(spec, pooling=first[0],
+                            layer=first[1]), log, torch.stack([kept[i] for i in sample]))
+
+
+@contextlib.contextmanager
+def saved_on_error(writer, texts, mine, rows_of, row_floats):
+    """What was computed is written whatever ends the pass (Ctrl-C and SIGTERM too, where the disk
+    has room); errors about a text name its rows, not its position in this rank's share."""
+    try:
+        yield
+        writer.flush()
+    except NonFiniteError as e:  # that batch is not cached
+        writer.flush()
+        rows = rows_of({texts[mine[i]] for i in e.indices})
+        raise FloatingPointError(f"NaN or Inf in the vectors of rows {rows[:20]}"
+                                 f"{' ...' if len(rows) > 20 else ''}; nothing of them was cached") from None
+    except TextTooLongError as e:
+        writer.flush()
+        raise MemoryError(f"row {rows_of({texts[mine[e.index]]})[0]}: its {e.tokens} tokens do not fit in "
+                          f"GPU memory even alone; the {writer.saved} vectors computed so far are cached; "
+                          f"lower --max-length") from None
+    except DiskFullError as e:
+        left = len(mine) - writer.saved
+        raise DiskFullError(f"{e}. {writer.saved} of the {len(mine)} vectors to compute are cached; the "
+                            f"other {left} need {left * (row_floats * 4 + 32) / 1e6:.1f} MB more: free "
+                            f"that much and run again to resume") from None
+    finally:
+        with contextlib.suppress(DiskFullError):
+            writer.flush()
+
+
+def compact(caches, dim, log):
+    """Merge each cache's chunk files once there are many (Cache.compact); on a full disk, keep them."""
+    for cache in caches:
+        try:
+            cache.compact(dim)
+        except DiskFullError as e:  # the chunks are all there: merging them is only tidiness
+            log(f"warning: {e}; the cache keeps its chunk files (merged by a later run)")
+
+
+# ----------------------------------------------------------------------------- fidelity of quantized weights
+
+def fidelity_sample(n_texts, n, seed=0):
+    """The indices of the texts a run measures its quantized vectors on: a seeded sample."""
+    return sorted(random.Random(seed).sample(range(n_texts), min(n, n_texts)))
+
+
+def measure_sample(embedder, texts, n, spec, log):
+    """measure_fidelity on a seeded sample of n texts, encoding them here (the LoRA paths, which
+    cache no vectors); None for weights as shipped or n = 0."""
+    if embedder.weight_format == "none" or not n:
+        return None
+    return measure_fidelity(embedder, [texts[i] for i in fidelity_sample(len(texts), n)], spec, log)
+
+
+def measure_fidelity(embedder, texts, spec, log, vectors=None):
+    """Per-text cosine between the quantized embedder's vectors of texts under spec (vectors, if
+    the run has computed them already, else encoded here) and the weights as shipped
+    (qwen_embed.reference_vectors), one line saying what it found, a warning below FIDELITY_WARN.
+    Returns {"format", "texts", "min", "mean", "seconds"}."""
+    t0 = time.time()
+    if vectors is None:
+        vectors = embedder.encode(texts, spec.instruction, max_length=spec.max_length, dim=spec.dim,
+                                  pooling=spec.pooling, progress=False, layers=[spec.layer],
+                                  append_eos=spec.eos)[spec.layer]
+    reference = reference_vectors(embedder, texts, spec.instruction, spec.max_length, spec.pooling,
+                                  spec.layer, spec.dim, spec.eos)
+    cos = (vectors * reference).sum(-1)
+    found = {"format": embedder.weight_format, "texts": len(texts), "min": round(cos.min().item(), 5),
+             "mean": round(cos.mean().item(), 5), "seconds": round(time.time() - t0, 1)}
+    log(f"{found['format']} vs as shipped on {found['texts']} of these texts: cosine min "
+        f"{found['min']:.4f}, mean {found['mean']:.4f} (reference read one layer at a time, "
+        f"{found['seconds']:.0f} s)")
+    if found["min"] < FIDELITY_WARN:
+        wider = "int8" if found["format"] == "int4" else "none"
+        log(f"warning: {found['format']} moves some vectors by more than cosine {FIDELITY_WARN}: "
+            f"--quantize {wider} keeps them closer, if memory allows (--max-memory, a larger machine)")
+    return found
+
+
+# ----------------------------------------------------------------------------- the files
 
 def checkpoint_identity(folder):
     """A fingerprint of a checkpoint folder, cheap even for 16 GB of weights."""
@@ -203,10 +497,11 @@ class Cache:
 
 
 class Vectors:
-    """One (pooling, layer)'s vectors of a run's texts, on disk until loaded."""
+    """One (pooling, layer)'s vectors of a run's texts, on disk until loaded; spec: the EmbedSpec
+    that made them, as the run decided it."""
 
-    def __init__(self, cache, keys, dim):
-        self.cache, self.keys, self.dim = cache, keys, dim
+    def __init__(self, cache, keys, dim, spec):
+        self.cache, self.keys, self.dim, self.spec = cache, keys, dim, spec
 
     def load(self, rows=None):
         """(len(rows), D) float32 for the given row indices (None: every text), read from disk."""
@@ -239,214 +534,3 @@ class ChunkWriter:
         self.last = time.monotonic()
 
 
-# ----------------------------------------------------------------------------- embedding through the cache
-
-def embed(texts, model, *, pooling="last", layers=(None,), **kw):
-    """{layer: (len(texts), D) float32} for one pooling, through the cache (ensure_cached's
-    arguments); None on a torchrun rank other than 0."""
-    stored = ensure_cached(texts, model, poolings=(pooling,), layers=layers, **kw)
-    return None if stored is None else {layer: stored[pooling, layer].load() for layer in layers}
-
-
-def ensure_cached(texts, model, *, poolings=("last",), layers=(None,), instruction=None, max_length=8192, dim=None,
-                  device=None, dtype=None, quantize="auto", max_memory=None, batch_size=None, max_batch_tokens=None,
-                  compile=None, cache_dir=".cache/embeddings", chunk_size=1024, chunk_seconds=15, progress=True,
-                  fidelity_texts=64, eos=True, log=print, ids=None):
-    """Put every (pooling, layer) vector of every text in the cache, computing the missing ones in
-    ONE forward pass, and return {(pooling, layer): Vectors}: handles that read one matrix each.
-
-    layers: None = the final normed output, else layer indexes as in Qwen3Embedder.encode.
-    ids: a name per text (row ids) for error messages. eos=False: no EOS appended (tokenize's
-    append_eos), a spec of its own. quantize is decided here, once, for the run
-    (weights.choose_format); with int8 or int4, fidelity_texts of the texts embedded are measured
-    against the weights as shipped (measure_fidelity), and the figures kept in the cache's
-    spec.json. Under torchrun every rank embeds a share of
-    the missing texts, balanced by tokens; rank 0 gets the handles, the others None.
-    """
-    if fidelity_texts < 0:
-        raise ValueError(f"--fidelity-texts must be 0 (skip) or positive, got {fidelity_texts}")
-    for flag, value in (("--cache-chunk", chunk_size), ("--cache-seconds", chunk_seconds),
-                        ("--batch-size", batch_size), ("--max-batch-tokens", max_batch_tokens)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
-    rank, world, local = torchrun.distributed(runtime.pick_device(device))  # before anything touches a GPU
-    device, dtype = runtime.pick_device_dtype(device, dtype)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)  # one GPU per process
-    if rank:  # logs and progress bars from rank 0 only
-        log, progress = (lambda *_: None), False
-    folder = runtime.resolve_model_dir(model)
-    config = Qwen3Config.from_json(folder / "config.json")
-    keys = layer_keys(config, layers, dim)
-    tensors = checkpoint_tensors(folder)
-    budget = max_batch_tokens or runtime.room_batch_tokens(config, device, dtype, any(k is not None for k in keys))
-    fmt, why = weights.choose_format(quantize, tensors, config, dtype, budget, runtime.memory_budget(device, max_memory))
-    base = {"checkpoint": checkpoint_identity(folder), "model": str(model), "instruction": instruction,
-            "max_length": max_length, "dim": dim, "dtype": runtime.dtype_name(dtype)}
-    # as shipped keeps the caches of before int8; int8 is named with its group (per-row int8 came before)
-    base.update({"weights": f"{fmt}-g{weights.GROUP}"} if fmt != "none" else {})
-    base.update({} if eos else {"eos": False})  # with EOS, the caches of before --no-eos stay valid
-    caches = {(p, k): Cache(cache_dir, {**base, "pooling": p, "layer": k}) for p in poolings for k in dict.fromkeys(keys)}
-    D = dim or config.hidden_size
-    text_key = [bytes(k) for k in text_keys(texts).numpy()]
-    todo, n_missing = missing(caches.values(), text_key, D)
-    torchrun.barrier(world)  # every rank has read the same cache before any rank writes to it
-    if not todo:
-        log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
-    else:
-        log(f"embeddings: {len(texts) - n_missing} cached, computing {len(todo)} with {model} on {device} in "
-            f"{runtime.dtype_name(dtype)}" + (f", {world} processes" if world > 1 else ""))
-        say_size(len(todo), len(texts), caches, D, cache_dir, weights.weight_bytes(tensors, fmt, dtype)
-                 + weights.batch_room(config, tensors, dtype, budget), log)
-        log(why)
-        embedder = Qwen3Embedder.load(folder, config, device, dtype, fmt, compile, str(model))
-        found = compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches, D, rank, world,
-                        lambda bad: [ids[i] if ids else i for i, t in enumerate(texts) if t in bad], log, progress,
-                        instruction=instruction, max_length=max_length, batch_size=batch_size,
-                        max_batch_tokens=max_batch_tokens, chunk_size=chunk_size, chunk_seconds=chunk_seconds,
-                        fidelity_texts=fidelity_texts * (fmt != "none") * (rank == 0), eos=eos)
-        for cache in caches.values() if found else ():
-            cache.note({"fidelity": found})
-        del embedder  # the model's memory is free before anything reads the vectors
-    torchrun.barrier(world)  # all chunks written
-    if rank:
-        return None
-    for cache in caches.values():
-        try:
-            cache.compact(D)
-        except DiskFullError as e:  # the chunks are all there: merging them is only tidiness
-            log(f"warning: {e}; the cache keeps its chunk files (merged by a later run)")
-    return {(p, layer): Vectors(caches[p, k], text_key, D) for p in poolings for layer, k in zip(layers, keys)}
-
-
-def fidelity_sample(n_texts, n, seed=0):
-    """The indices of the texts a run measures its quantized vectors on: a seeded sample."""
-    return sorted(random.Random(seed).sample(range(n_texts), min(n, n_texts)))
-
-
-def measure_sample(embedder, texts, n, log, **spec):
-    """measure_fidelity on a seeded sample of n texts, encoding them here (the LoRA paths, which
-    cache no vectors); None for weights as shipped or n = 0."""
-    if embedder.weight_format == "none" or not n:
-        return None
-    return measure_fidelity(embedder, [texts[i] for i in fidelity_sample(len(texts), n)], log, **spec)
-
-
-def measure_fidelity(embedder, texts, log, vectors=None, **spec):
-    """Per-text cosine between the quantized embedder's vectors of texts (vectors, if the run has
-    computed them already, else encoded here) and the weights as shipped (qwen_embed.reference_vectors),
-    one line saying what it found, a warning below FIDELITY_WARN. spec: instruction, max_length,
-    pooling, layer, dim, append_eos. Returns {"format", "texts", "min", "mean", "seconds"}."""
-    t0 = time.time()
-    if vectors is None:
-        vectors = embedder.encode(texts, spec.get("instruction"), max_length=spec.get("max_length", 8192),
-                                  dim=spec.get("dim"), pooling=spec.get("pooling", "last"), progress=False,
-                                  layers=[spec.get("layer")], append_eos=spec.get("append_eos", True))[spec.get("layer")]
-    cos = (vectors * reference_vectors(embedder, texts, **spec)).sum(-1)
-    found = {"format": embedder.weight_format, "texts": len(texts), "min": round(cos.min().item(), 5),
-             "mean": round(cos.mean().item(), 5), "seconds": round(time.time() - t0, 1)}
-    log(f"{found['format']} vs as shipped on {found['texts']} of these texts: cosine min {found['min']:.4f}, "
-        f"mean {found['mean']:.4f} (reference read one layer at a time, {found['seconds']:.0f} s)")
-    if found["min"] < FIDELITY_WARN:
-        wider = "int8" if found["format"] == "int4" else "none"
-        log(f"warning: {found['format']} moves some vectors by more than cosine {FIDELITY_WARN}: --quantize {wider} "
-            f"keeps them closer, if memory allows (--max-memory, a larger machine)")
-    return found
-
-
-def layer_keys(config, layers, dim):
-    """Layers as cached (-1 and num_hidden_layers share an entry), after one-line checks."""
-    hidden, n = config.hidden_size, config.num_hidden_layers
-    if dim is not None and not 1 <= dim <= hidden:
-        raise ValueError(f"--dim must be between 1 and the model's hidden size {hidden}, got {dim}")
-    bad = [layer for layer in layers if layer is not None and not -n - 1 <= layer <= n]
-    if bad:
-        raise ValueError(f"--layer must be between {-n - 1} and {n} for this {n}-layer model, got {bad[0]}")
-    return [None if layer is None else layer % (n + 1) for layer in layers]
-
-
-def missing(caches, text_key, dim):
-    """(first row of each distinct text that some cache lacks, rows lacking). One cache's key set
-    is held at a time."""
-    lacking = set()
-    for cache in caches:
-        present = cache.present(dim)
-        lacking.update(i for i, k in enumerate(text_key) if k not in present)
-    first = {}
-    for i in sorted(lacking):
-        first.setdefault(text_key[i], i)
-    return list(first.values()), len(lacking)
-
-
-def size(n_bytes):
-    """Bytes for a person: MB under a GB, GB above."""
-    return f"{n_bytes / 1e6:.1f} MB" if n_bytes < runtime.GB else f"{n_bytes / runtime.GB:.2f} GB"
-
-
-def say_size(n_todo, n_texts, caches, dim, cache_dir, model_bytes, log):
-    """One line on what the run will write and hold, before any work; a disk that cannot take it
-    is a one-line error."""
-    disk = n_todo * len(caches) * (dim * 4 + 32)
-    where = Path(cache_dir).absolute()
-    while not where.exists():
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if disk > free:
-        raise ValueError(f"--cache-dir {cache_dir}: the vectors need {size(disk)} ({n_todo} texts x "
-                         f"{len(caches)} (pooling, layer) x {dim} x 4 B) and the disk has {size(free)} free")
-    pending = min(PENDING_BYTES, n_todo * len(caches) * dim * 4)
-    log(f"cache: {n_todo} texts x {len(caches)} (pooling, layer) x {dim} x 4 B = {size(disk)} on disk; "
-        f"memory while embedding about {(model_bytes + pending) / runtime.GB:.1f} GB (the model and a batch, "
-        f"{pending / runtime.GB:.2f} GB of vectors before each write); after it, "
-        f"{n_texts * dim * 4 / runtime.GB:.2f} GB per (pooling, layer) loaded")
-
-
-def compute(embedder, texts, keys, caches, dim, rank, world, rows_of, log, progress, *, instruction, max_length,
-            batch_size, max_batch_tokens, chunk_size, chunk_seconds, fidelity_texts=0, eos=True):
-    """Embed texts (this rank's share of them) in one pass for every cache's (pooling, layer),
-    writing chunks as it goes. keys: their text keys; rows_of(texts) names the rows holding them.
-    fidelity_texts: measure that many of the vectors just computed against the weights as shipped
-    (measure_fidelity) and return its figures (else None)."""
-    tokens = embedder.tokenize(texts, instruction, max_length, eos)  # once: the shares and the batches use it
-    mine = torchrun.balance([len(t) for t in tokens], world)[rank] if world > 1 else list(range(len(texts)))
-    writer = ChunkWriter(caches, torch.tensor([list(keys[j]) for j in mine], dtype=torch.uint8).reshape(-1, 32),
-                         dim, chunk_size, chunk_seconds)
-    sample, first = fidelity_sample(len(mine), fidelity_texts), next(iter(caches))
-    wanted, kept = set(sample), {}  # the sample's vectors of the first (pooling, layer), as they pass
-    t0 = time.time()
-    with tqdm(total=len(mine), desc="embedding", unit="text", disable=not progress) as bar:
-        try:
-            for batch, vectors in embedder.stream([tokens[j] for j in mine], list(caches), dim, True, batch_size,
-                                                  max_batch_tokens, log=bar.write):
-                writer.add(batch, vectors)
-                kept.update({i: vectors[first][j] for j, i in enumerate(batch) if i in wanted})
-                bar.update(len(batch))
-            writer.flush()
-        except NonFiniteError as e:  # that batch is not cached; name the rows, not positions
-            writer.flush()
-            rows = rows_of({texts[mine[i]] for i in e.indices})
-            raise FloatingPointError(f"NaN or Inf in the vectors of rows {rows[:20]}"
-                                     f"{' ...' if len(rows) > 20 else ''}; nothing of them was cached") from None
-        except TextTooLongError as e:
-            writer.flush()
-            raise MemoryError(f"row {rows_of({texts[mine[e.index]]})[0]}: its {e.tokens} tokens do not fit in GPU "
-                              f"memory even alone; the {writer.saved} vectors computed so far are cached; lower "
-                              f"--max-length") from None
-        except DiskFullError as e:
-            left = len(mine) - writer.saved
-            raise DiskFullError(f"{e}. {writer.saved} of the {len(mine)} vectors to compute are cached; the other "
-                                f"{left} need {left * len(caches) * (dim * 4 + 32) / 1e6:.1f} MB more: free that "
-                                f"much and run again to resume") from None
-        finally:  # Ctrl-C and SIGTERM too: what was computed is kept (where the disk has room)
-            with contextlib.suppress(DiskFullError):
-                writer.flush()
-    if world > 1:
-        every = torchrun.gather((rank, len(mine), sum(len(tokens[j]) for j in mine), time.time() - t0), world)
-        for r, n_texts, n_tokens, seconds in every:
-            log(f"rank {r}: {n_texts} texts, {n_tokens} tokens, {seconds:.1f}s")
-    if sample:
-        return measure_fidelity(embedder, [texts[mine[i]] for i in sample], log, torch.stack([kept[i] for i in sample]),
-                                instruction=instruction, max_length=max_length, pooling=first[0], layer=first[1],
-                                append_eos=eos,
-                                dim=dim if dim != embedder.dim else None)
-    return None

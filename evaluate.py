@@ -9,12 +9,14 @@ no forward pass, and only the rows scored are read from the cache.
 
 import argparse
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 import cli
 import embed_cache
+from embed_cache import EmbedSpec
 from data import DiskFullError, add_answer_is_correct, atomic_path, check_ids, labels_of, read_csv, render, require_columns, template_fields
 from lora import add_lora, load_adapters, merge_lora
 from mlp_head import load_checkpoint, map_at_k, predict_proba, top_k
@@ -47,16 +49,14 @@ def embedding_dtype(args, spec):
     return dtype
 
 
-def lora_vectors(args, meta, texts, dtype, quantize):
+def lora_vectors(args, spec, lora, texts):
     """A fine-tuned checkpoint: the base model with its adapters, merged into the weights where the
     base is a plain layer, kept apart on an int8 base (merging would quantize the update away),
     then plain encode. Not cached: the cache holds the base model's vectors."""
-    spec, lora = meta["embedding"], meta["lora"]
-    embedder = Qwen3Embedder.from_pretrained(spec["model"], device=args.device, dtype=dtype, compile=args.compile,
-                                             quantize=quantize, max_memory=args.max_memory, log=print)
-    embed_cache.measure_sample(embedder, texts, args.fidelity_texts, print, instruction=spec["instruction"],
-                               max_length=spec["max_length"], pooling=spec["pooling"], dim=spec["dim"],
-                               append_eos=spec.get("eos", True))
+    embedder = Qwen3Embedder.from_pretrained(spec.model, device=args.device, dtype=spec.dtype,
+                                             compile=args.compile, quantize=spec.weights,
+                                             max_memory=args.max_memory, log=print)
+    embed_cache.measure_sample(embedder, texts, args.fidelity_texts, spec, print)
     add_lora(embedder.model, lora["rank"], lora["alpha"], lora["targets"], lora["layers"])
     file = Path(args.checkpoint) / lora["file"]
     if not file.is_file():
@@ -64,11 +64,10 @@ def lora_vectors(args, meta, texts, dtype, quantize):
     load_adapters(embedder.model, load_file(file), file)
     kept = merge_lora(embedder.model)
     print(f"LoRA checkpoint (rank {lora['rank']}): adapters {'kept apart, on a stored base' if kept else 'merged'} "
-          f"in {spec['model']}; vectors are not cached")
-    return embedder.encode(texts, instruction=spec["instruction"], batch_size=args.batch_size,
-                           max_length=spec["max_length"], dim=spec["dim"], pooling=spec["pooling"],
-                           max_batch_tokens=args.max_batch_tokens, progress=not args.quiet,
-                           append_eos=spec.get("eos", True))
+          f"in {spec.model}; vectors are not cached")
+    return embedder.encode(texts, spec.instruction, batch_size=args.batch_size, max_length=spec.max_length,
+                           dim=spec.dim, pooling=spec.pooling, max_batch_tokens=args.max_batch_tokens,
+                           progress=not args.quiet, append_eos=spec.eos)
 
 
 def load_texts(args, spec):
@@ -86,28 +85,26 @@ def load_texts(args, spec):
 
 def main(args):
     heads, meta = load_checkpoint(args.checkpoint)
-    spec, labels = meta["embedding"], meta["labels"]
-    columns, rows, texts = load_texts(args, spec)
-    dtype = embedding_dtype(args, spec)
-    quantize = args.quantize or spec.get("weights", "none")  # the weights the head's vectors came from
+    saved, labels = meta["embedding"], meta["labels"]
+    columns, rows, texts = load_texts(args, saved)
+    # the vectors the head was trained on: the checkpoint's spec, its weights unless --quantize
+    spec = EmbedSpec.from_meta(saved)
+    spec = replace(spec, dtype=embedding_dtype(args, saved), weights=args.quantize or spec.weights)
     if meta.get("lora"):
-        vectors = lora_vectors(args, meta, texts, dtype, quantize)
+        vectors = lora_vectors(args, spec, meta["lora"], texts)
     else:
-        stored = embed_cache.ensure_cached(
-            texts, spec["model"], poolings=(spec["pooling"],), layers=(spec["layer"],), instruction=spec["instruction"],
-            max_length=spec["max_length"], dim=spec["dim"], dtype=dtype, eos=spec.get("eos", True),
-            **cli.run_options(args, quantize),
-            ids=[row[spec["id_col"]] for row in rows])
+        stored = embed_cache.ensure_cached(texts, spec, cli.run_options(args),
+                                           ids=[row[saved["id_col"]] for row in rows])
         if stored is None:  # a torchrun rank other than 0: its share is embedded and cached
             return None
-        vectors = stored[spec["pooling"], spec["layer"]].load()
+        vectors = stored[spec.pooling, spec.layer].load()
     device = pick_device(args.head_device or args.device)
     probs = predict_proba([h.to(device) for h in heads], vectors).cpu()
     predictions = top_k(probs, labels)
-    ids = [row[spec["id_col"]] for row in rows]
+    ids = [row[saved["id_col"]] for row in rows]
     result = {"predictions": predictions, "probs": probs}
-    if all(c in columns for c in spec["label_cols"]):  # labelled data: score it
-        truth = labels_of(rows, spec["label_cols"])
+    if all(c in columns for c in saved["label_cols"]):  # labelled data: score it
+        truth = labels_of(rows, saved["label_cols"])
         unseen = len({y for y in truth} - set(labels))
         result["map3"] = map_at_k(truth, predictions)
         result["accuracy"] = sum(p[0] == y for p, y in zip(predictions, truth)) / len(truth)
@@ -115,7 +112,7 @@ def main(args):
               + (f"; {unseen} labels never seen in training count as misses)" if unseen else ")"))
     if args.out:
         try:
-            write_submission(args.out, ids, predictions, spec["id_col"], spec["label_cols"])
+            write_submission(args.out, ids, predictions, saved["id_col"], saved["label_cols"])
         except DiskFullError as e:
             raise DiskFullError(f"--out {args.out}: {e}; the submission needs about "
                                 f"{sum(len(str(i)) + sum(map(len, p)) + 4 for i, p in zip(ids, predictions)) / 1e6:.1f} MB "

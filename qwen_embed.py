@@ -406,15 +406,23 @@ def tokenize(tokenizer, texts, instruction=None, max_length=8192, append_eos=Tru
     return [e.ids[:max_length] for e in encoded]
 
 
-def check_encode(config, keys, dim, batch_size, max_batch_tokens):
-    """One-line errors for bad encode arguments; keys: (pooling, layer index as given), dim, limits."""
-    n = config.num_hidden_layers
+def layer_keys(config, layers, dim=None):
+    """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers (-1 and
+    num_hidden_layers are one state), after the one check of layers and dim that encode, the
+    cache and the flags share (its messages name the flags)."""
+    n, hidden = config.num_hidden_layers, config.hidden_size
+    bad = [layer for layer in layers if layer is not None and not -n - 1 <= layer <= n]
+    if bad:
+        raise ValueError(f"--layer must be between {-n - 1} and {n} for this {n}-layer model, got {bad[0]}")
+    if dim is not None and not 1 <= dim <= hidden:
+        raise ValueError(f"--dim must be between 1 and the model's hidden size {hidden}, got {dim}")
+    return [None if layer is None else layer % (n + 1) for layer in layers]
+
+
+def check_encode(keys, batch_size, max_batch_tokens):
+    """One-line errors for the encode arguments that layer_keys does not check."""
     if any(pooling not in ("last", "mean") for pooling, _ in keys):
         raise ValueError(f"pooling must be 'last' or 'mean', got {sorted({p for p, _ in keys})}")
-    if any(layer is not None and not -n - 1 <= layer <= n for _, layer in keys):
-        raise ValueError(f"layers must be in [-{n + 1}, {n}], got {[layer for _, layer in keys]}")
-    if dim is not None and not 1 <= dim <= config.hidden_size:
-        raise ValueError(f"dim must be between 1 and the hidden size {config.hidden_size}, got {dim}")
     if (batch_size is not None and batch_size < 1) or (max_batch_tokens is not None and max_batch_tokens < 1):
         raise ValueError("batch_size and max_batch_tokens must be positive")
 
@@ -424,17 +432,18 @@ def check_encode(config, keys, dim, batch_size, max_batch_tokens):
 
 
 class Qwen3Embedder:
-    def __init__(self, model, tokenizer, device, dtype, name="", compile=None, weight_format="none", folder=None):
-        self.model, self.tokenizer, self.device, self.dtype, self.name = model, tokenizer, device, dtype, name
-        self.weight_format, self.folder = weight_format, folder
+    def __init__(self, model, tokenizer, device, dtype, name="", compile=None, weight_format="none",
+                 folder=None):
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        self.name, self.weight_format, self.folder = name, weight_format, folder
         self.fast = runtime.FastPaths(device, dtype, compile)  # decided once: varlen, compile by job size
         self.eos_id = tokenizer.token_to_id(EOS)
         if self.eos_id is None:
             raise ValueError(f"{name}: tokenizer.json has no {EOS} token")
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None, compile=None, quantize="auto",
-                        max_memory=None, log=None):
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None, compile=None,
+                        quantize="auto", max_memory=None, log=None):
         """compile: True, False (the eager reference path), or None: when a job is big enough to
         repay it (maybe_compile). quantize: "none" (weights as shipped), "int8", "int4", or
         "auto": the first of these that fits the memory budget with room for a batch
@@ -452,16 +461,17 @@ class Qwen3Embedder:
     @classmethod
     def load(cls, folder, config, device, dtype, fmt, compile=None, name=None):
         """The embedder of a local checkpoint folder, with its weight format already decided (by
-        from_pretrained, or by a caller that decided it once for the whole run): nothing is
-        decided again here."""
-        tokenizer = load_tokenizer(folder)
+        from_pretrained, or once for a whole run by its caller): nothing is decided here."""
         with torch.device("meta"):  # shapes only: no memory, no random init
             model = Qwen3Model(config)
         with runtime.compact_heap():
             load_weights(model, folder, device, dtype, fmt)
-        return cls(model.eval(), tokenizer, device, dtype, name or str(folder), compile, fmt, folder)
+        return cls(model.eval(), load_tokenizer(folder), device, dtype, name or str(folder), compile,
+                   fmt, folder)
 
     dim = property(lambda self: self.model.config.hidden_size)
+    compiled = property(lambda self: self.fast.compiled)
+    pool = staticmethod(pool)  # the embedder's pooling, for callers that hold an embedder
 
     def tokenize(self, texts, instruction=None, max_length=8192, append_eos=True):
         return tokenize(self.tokenizer, texts, instruction, max_length, append_eos)
@@ -480,46 +490,42 @@ class Qwen3Embedder:
         no limit on texts, and tokens by runtime.default_batch_tokens (the device and the model).
         """
         ids = self.tokenize(texts, instruction, max_length, append_eos)
-        keys = [(pooling, key) for key in self.layer_keys([None] if layers is None else layers)]
-        batches = self.stream(ids, keys, dim, normalize, batch_size, max_batch_tokens, tqdm.write if progress else None)
+        stored = layer_keys(self.model.config, [None] if layers is None else layers, dim)
+        keys = [(pooling, layer) for layer in stored]
         out = {key: torch.empty(len(texts), dim or self.dim) for key in keys}
         with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
-            for batch, vectors in batches:
+            for batch, vectors in self.stream(ids, keys, dim, normalize, batch_size, max_batch_tokens,
+                                              tqdm.write if progress else None):
                 for key in keys:
                     out[key][batch] = vectors[key]
                 bar.update(len(batch))
         return out[keys[0]] if layers is None else {layer: out[key] for layer, key in zip(layers, keys)}
 
-    compiled = property(lambda self: self.fast.compiled)
-    pool = staticmethod(pool)  # the embedder's pooling, for callers that hold an embedder
-
-    def layer_keys(self, layers):
-        """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers."""
-        n = self.model.config.num_hidden_layers
-        check_encode(self.model.config, [("last", layer) for layer in layers], None, None, None)
-        return [None if layer is None else layer % (n + 1) for layer in layers]
-
-    def stream(self, ids, keys, dim=None, normalize=True, batch_size=None, max_batch_tokens=None, log=None):
+    def stream(self, ids, keys, dim=None, normalize=True, batch_size=None, max_batch_tokens=None,
+               log=None):
         """Embed tokenized texts batch by batch, ONE forward pass for every (pooling, layer) key: an
-        iterator of (indices into ids, {key: (len(indices), D) float32 CPU tensor}), so that a caller
-        can save as it goes. Arguments checked here, before the first batch; runtime.run_batches
-        runs the batches (out-of-memory halving, fast-path fallback)."""
-        check_encode(self.model.config, keys, dim, batch_size, max_batch_tokens)
+        iterator of (indices into ids, {key: (len(indices), D) float32 CPU tensor}), so that a
+        caller can save as it goes. Arguments checked here, before the first batch;
+        runtime.run_batches runs the batches (out-of-memory halving, fast-path fallback)."""
+        check_encode(keys, batch_size, max_batch_tokens)
+        layer_keys(self.model.config, [layer for _, layer in keys], dim)
         return self.batches(ids, keys, dim, normalize, batch_size, max_batch_tokens, log or (lambda *_: None))
 
     @torch.inference_mode()
     def batches(self, ids, keys, dim, normalize, batch_size, max_batch_tokens, log):
         need_layers = any(layer is not None for _, layer in keys)
         self.fast.maybe_compile(self.model, sum(len(i) for i in ids), log)  # at the call site, said once
-        budget = max_batch_tokens or runtime.default_batch_tokens(self.model.config, self.device, self.dtype,
-                                                                  need_layers)
-        for batch, states in runtime.run_batches(self.model, ids, budget, batch_size, need_layers, self.device,
-                                                 self.fast, log):
+        budget = max_batch_tokens or runtime.default_batch_tokens(self.model.config, self.device,
+                                                                  self.dtype, need_layers)
+        for batch, states in runtime.run_batches(self.model, ids, budget, batch_size, need_layers,
+                                                 self.device, self.fast, log):
             yield batch, pool_keys(states, [len(ids[i]) for i in batch], batch, keys, dim, normalize)
 
-    def fidelity(self, texts, instruction=None, max_length=8192, pooling="last", layer=None, append_eos=True):
-        """Per-text cosine between this model's vectors and the weights as shipped' (reference_vectors):
-        what quantization costs on these texts. A (len(texts),) float32 tensor; ones as shipped."""
+    def fidelity(self, texts, instruction=None, max_length=8192, pooling="last", layer=None,
+                 append_eos=True):
+        """Per-text cosine between this model's vectors and those of the weights as shipped
+        (reference_vectors): what quantization costs on these texts. A (len(texts),) float32
+        tensor; ones as shipped."""
         ours = self.encode(texts, instruction, max_length=max_length, pooling=pooling, progress=False,
                            layers=[layer], append_eos=append_eos)[layer]
         return (ours * reference_vectors(self, texts, instruction, max_length, pooling, layer, None,
@@ -532,7 +538,8 @@ def reference_vectors(embedder, texts, instruction=None, max_length=8192, poolin
     streamed from the checkpoint one block at a time (streamed_states), in the embedder's compute
     dtype: the yardstick of a quantized model, at the memory of one block more."""
     ids = embedder.tokenize(texts, instruction, max_length, append_eos)
-    config, key = embedder.model.config, embedder.layer_keys([layer])[0]
+    config = embedder.model.config
+    key = layer_keys(config, [layer])[0]
     h = streamed_states(embedder.folder, config, ids, embedder.device, embedder.dtype, key,
                         runtime.default_batch_tokens(config, embedder.device, embedder.dtype))
     return pool(h, torch.tensor([len(i) for i in ids]), pooling, dim, True).cpu()

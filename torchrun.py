@@ -12,12 +12,12 @@ import torch.distributed as dist
 
 
 def distributed(device):
-    """(rank, world size, local rank) under torchrun, starting PyTorch's process group once;
-    (0, 1, 0) in a plain run. One GPU per process and NCCL when embedding on CUDA, else gloo
-    between CPU processes (also on a machine that has GPUs, with --device cpu)."""
+    """(rank, world size, this process's device) under torchrun, starting PyTorch's process group
+    once; (0, 1, device) in a plain run. One GPU per process and NCCL when embedding on CUDA, else
+    gloo between CPU processes (also on a machine that has GPUs, with --device cpu)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, 0
+        return 0, 1, device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device.type == "cuda":
@@ -29,7 +29,12 @@ def distributed(device):
         # Ranks wait for each other at the end of embedding, which can take hours on one slow rank.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
         atexit.register(dist.destroy_process_group)
-    return dist.get_rank(), world, local
+    return dist.get_rank(), world, torch.device("cuda", local) if device.type == "cuda" else device
+
+
+def rank_and_world():
+    """(rank, world size) of the process group distributed() started; (0, 1) in a plain run."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def balance(token_counts, world):

@@ -12,6 +12,7 @@ file reads from main down, in the order of the calls.
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -27,70 +28,73 @@ import torch.nn.functional as F
 
 import cli
 import embed_cache
-from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, add_answer_is_correct, atomic_path, check_ids, kfold,
-                  labels_of, map_correct_answers, read_csv, render, require_columns, split, template_fields)
+from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, add_answer_is_correct, atomic_path,
+                  check_ids, kfold, labels_of, map_correct_answers, read_csv, render, require_columns,
+                  split, template_fields)
+from embed_cache import EmbedSpec
 from lora import add_lora, check_lora, checkpoint_blocks
 from mlp_head import ACTIVATIONS, MLPHead, map_at_k, predict_proba, save_checkpoint, top_k
 from qwen_embed import Qwen3Config, Qwen3Embedder, checkpoint_tensors
-from runtime import dtype_name, pick_device, resolve_model_dir
+from runtime import dtype_name, pick_device
+
+sink = print  # where log() writes: main(args, log=...) points it elsewhere for one run
+
+
+def log(line):
+    """The run's one logger: every line a run says goes through here (tests collect them)."""
+    sink(line)
 
 
 # ----------------------------------------------------------------------------- the run
 
 def main(args, log=print):
-    check_flags(args)
-    data = load_rows(args, log)
-    truth = data["truth"]
-    labels = sorted(set(truth))
-    index = {label: i for i, label in enumerate(labels)}
-    y = torch.tensor([index[t] for t in truth])
-    groups = [row[args.group_col] for row in data["rows"]] if args.group_col else None
-    if args.folds:  # every row is validated once, in its fold; checked here, before any forward pass
-        kfold(truth, args.folds, groups, args.seed)
-        tr, va = torch.arange(len(truth)), torch.tensor([], dtype=torch.long)
-    else:
-        tr, va = (torch.tensor(i, dtype=torch.long) for i in split(truth, args.val_frac, groups, args.seed))
-    results = {"n_labels": len(labels), "n_rows": len(truth)}
+    """Train as the flags say; log: where the run's lines go (default: printed)."""
+    global sink
+    sink, before = log, sink
+    try:
+        return run(args)
+    finally:
+        sink = before
+
+
+def run(args):
+    spec, options = check_flags(args)
+    data = load_rows(args)
+    task = split_rows(args, data)
+    results = {"n_labels": len(task.labels), "n_rows": len(task.y)}
     if not args.out and (args.layer_sweep or args.compare_pooling or args.sweep or args.folds):
-        log("no --out: the tables and per-epoch history of this run are printed, not saved (--out DIR keeps them "
-            "as CSV)")
+        log("no --out: the tables and per-epoch history of this run are printed, not saved (--out "
+            "DIR keeps them as CSV)")
     if args.layer_sweep or args.compare_pooling:
-        return layer_sweep(args, data, labels, y, tr, va, log, results)
+        return layer_sweep(args, spec, options, data, task, results)
     if args.lora_rank:  # fine-tuning: no cached vectors, they change as the adapters learn
         with interrupted(lambda: "while fine-tuning"):
-            head, best, lora, embedder, fidelity = train_lora(args, data["texts"], y, tr, va, labels, log)
-        say_best(args, best, tr, va, log)
-        fitted = {"heads": [head], "val_idx": va, "val_probs": best["probs"], "lora": lora,
-                  "tables": {"history.csv": best["history"]},
-                  "results": {**best_results(best), "lora_trainable_params": sum(t.numel() for t in lora.values())}}
-        dtype, weight_format = embedder.dtype, embedder.weight_format
+            fitted, spec, fidelity = train_lora(args, spec, data.texts, task)
     else:
-        stored = cache_vectors(args, data, log)
+        stored = cache_vectors(args, spec, options, data)
         if stored is None:  # a torchrun rank other than 0, whose work ends here
             return None
         vectors = stored[args.pooling, args.layer]
         fit = fit_sweep if args.sweep else fit_folds if args.folds else fit_one
-        fitted = fit(args, vectors.load(), y, truth, labels, tr, va, groups, log)
-        spec = vectors.cache.info()  # the spec, and the fidelity measured when its vectors were computed
-        dtype, weight_format, fidelity = spec["dtype"], spec.get("weights", "none").split("-g")[0], spec.get("fidelity")
-    results.update(fitted["results"])
+        fitted = fit(args, vectors.load(), task)
+        # the spec as the run decided it (dtype, weights), and the fidelity measured when its
+        # vectors were computed (by this run or an earlier one)
+        spec, fidelity = vectors.spec, vectors.cache.info().get("fidelity")
+    results.update(fitted.results)
     if args.out:
-        embedding = {"model": args.model, "instruction": args.instruction, "max_length": args.max_length,
-                     "pooling": args.pooling, "dim": args.dim, "layer": args.layer,
-                     "dtype": dtype if isinstance(dtype, str) else dtype_name(dtype), "weights": weight_format,
-                     "text_template": data["template"], "label_cols": args.label_cols.split(","),
-                     "id_col": args.id_col, "correct_answers": data["correct_answers"], "fidelity": fidelity,
-                     "eos": not args.no_eos}
-        save_run(args, data, labels, fitted, results, embedding, log)
+        embedding = {**dataclasses.asdict(spec), "text_template": data.template,
+                     "label_cols": args.label_cols.split(","), "id_col": args.id_col,
+                     "correct_answers": data.correct_answers, "fidelity": fidelity}
+        save_run(args, data, task.labels, fitted, results, embedding)
     return results
 
 
 def check_flags(args):
-    if args.max_length < 2 - args.no_eos:
-        raise ValueError(f"--max-length must be at least {2 - args.no_eos} (one text token"
-                         f"{'' if args.no_eos else ' and EOS'}), got {args.max_length}")
-    if args.dim is not None and args.dim < 1:
-        raise ValueError(f"--dim must be positive, got {args.dim}")
+    """The flags checked before any work, never over the network (a Hub model's number of layers
+    is checked once it is read) -> (EmbedSpec, embed_cache.RunOptions)."""
+    spec = EmbedSpec(args.model, args.instruction, args.max_length, args.pooling, args.layer,
+                     args.dim, args.dtype, args.quantize, not args.no_eos)
+    options = cli.run_options(args)
     if not 0 <= args.val_frac < 1:
         raise ValueError(f"--val-frac must be in [0, 1), got {args.val_frac}")
     if args.folds == 1 or args.folds < 0:
@@ -99,17 +103,27 @@ def check_flags(args):
         raise ValueError("--epochs and --head-batch-size must be positive, --sweep not negative")
     if (args.sweep or args.layer_sweep or args.compare_pooling) and args.folds:
         raise ValueError("--sweep, --layer-sweep and --compare-pooling use one split: drop --folds")
-    if args.lora_rank:  # a flag check reads a local config, never the network: a Hub model is checked once loaded
+    if args.lora_rank:  # a local config is read; a Hub model is checked once loaded
         config = Path(args.model) / "config.json"
         n_layers = Qwen3Config.from_json(config).num_hidden_layers if config.is_file() else None
         check_lora(n_layers, args.lora_rank, args.lora_targets.split(","), args.lora_layers)
         if args.sweep or args.folds or args.layer_sweep or args.compare_pooling or args.layer is not None:
             raise ValueError("--lora-rank trains on one split and the final layer: drop --sweep, --folds, "
                              "--layer-sweep, --compare-pooling and --layer")
+    return spec, options
 
 
-def load_rows(args, log):
-    """The CSV, checked against the flags -> {rows, texts, truth, template, correct_answers}."""
+class Data(NamedTuple):
+    """The training CSV, as the run uses it."""
+    rows: list  # one dict per CSV row
+    texts: list  # each row's text to embed
+    truth: list  # each row's label
+    template: str  # --text-template, with --map-correct's column added if asked
+    correct_answers: dict | None  # --map-correct: the answer taken as correct, per question
+
+
+def load_rows(args):
+    """The CSV, checked against the flags -> Data."""
     columns, rows = read_csv(args.data)
     require_columns(args.data, columns, [args.id_col], "--id-col")
     require_columns(args.data, columns, args.label_cols.split(","), "--label-cols")
@@ -131,113 +145,150 @@ def load_rows(args, log):
         log(f"warning: {len(empty)} rows render to an empty text, e.g. {args.id_col} {empty[:5]}")
     truth = labels_of(rows, args.label_cols.split(","))
     log(f"{args.data}: {len(rows)} rows, {len(set(truth))} labels")
-    return {"rows": rows, "texts": texts, "truth": truth, "template": template, "correct_answers": correct}
+    return Data(rows, texts, truth, template, correct)
 
 
-def cache_vectors(args, data, log, poolings=None, layers=None):
+class Task(NamedTuple):
+    """The labels and the split: what every way of fitting a head shares."""
+    labels: list  # the distinct labels, sorted: y indexes them
+    y: torch.Tensor  # each row's label index
+    truth: list  # each row's label
+    tr: torch.Tensor  # training rows (every row with --folds)
+    va: torch.Tensor  # validation rows (none with --folds: each fold validates its own)
+    groups: list | None  # each row's --group-col value
+
+
+def split_rows(args, data):
+    """Data -> Task: label indexes and the split (seeded); --folds is checked here, before any
+    forward pass."""
+    labels = sorted(set(data.truth))
+    index = {label: i for i, label in enumerate(labels)}
+    y = torch.tensor([index[t] for t in data.truth])
+    groups = [row[args.group_col] for row in data.rows] if args.group_col else None
+    if args.folds:  # every row is validated once, in its fold
+        kfold(data.truth, args.folds, groups, args.seed)
+        tr, va = torch.arange(len(y)), torch.tensor([], dtype=torch.long)
+    else:
+        tr, va = (torch.tensor(i, dtype=torch.long) for i in split(data.truth, args.val_frac, groups, args.seed))
+    return Task(labels, y, data.truth, tr, va, groups)
+
+
+def cache_vectors(args, spec, options, data, poolings=None, layers=None):
     """{(pooling, layer): embed_cache.Vectors} for the rows' texts, in one forward pass for all of
     them where any is missing; None on a torchrun rank other than 0."""
     t0 = time.time()
-    stored = embed_cache.ensure_cached(
-        data["texts"], args.model, poolings=poolings or (args.pooling,), layers=layers or (args.layer,),
-        instruction=args.instruction, max_length=args.max_length, dim=args.dim, dtype=args.dtype, eos=not args.no_eos,
-        **cli.run_options(args), log=log, ids=[row[args.id_col] for row in data["rows"]])
+    stored = embed_cache.ensure_cached(data.texts, spec, options, poolings=poolings, layers=layers,
+                                       ids=[row[args.id_col] for row in data.rows], log=log)
     if stored is not None:
-        log(f"embeddings: {len(stored)} x ({len(data['texts'])}, {next(iter(stored.values())).dim}) "
+        log(f"embeddings: {len(stored)} x ({len(data.texts)}, {next(iter(stored.values())).dim}) "
             f"in {time.time() - t0:.1f}s")
     return stored
 
 
 # ----------------------------------------------------------------------------- heads on cached vectors
 
-def fit_one(args, x, y, truth, labels, tr, va, groups, log):
+class Fitted(NamedTuple):
+    """What fitting heads gives a run to keep."""
+    heads: list  # one per fold, else one
+    val_idx: torch.Tensor  # the rows val_probs predicts
+    val_probs: torch.Tensor  # (len(val_idx), labels) probabilities
+    results: dict  # figures for meta.json
+    tables: dict  # CSV file name -> rows (dicts)
+    config: dict = {}  # --sweep: the winning head configuration
+    lora: dict | None = None  # --lora-rank: the adapters' tensors
+
+
+def fit_one(args, x, task):
     with interrupted(lambda: "while training the head"):
-        head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, log)
-    say_best(args, best, tr, va, log)
-    return {"heads": [head], "val_idx": va, "val_probs": best["probs"], "results": best_results(best),
-            "tables": {"history.csv": best["history"]}}
+        head, best = train_head(x[task.tr], task.y[task.tr], x[task.va], task.y[task.va], task.labels,
+                                args, tag="")
+    say_best(args, best, task)
+    return Fitted([head], task.va, best.scores.probs, best_results(best), {"history.csv": best.history})
 
 
-def say_best(args, best, tr, va, log):
+def say_best(args, best, task):
     """The run's summary line: the best epoch and its validation figures."""
-    if len(va):
-        log(f"best epoch {best['epoch']}: val MAP@3 {best['map3']:.4f}, val acc {best['acc']:.4f} "
-            f"({len(tr)} train / {len(va)} val rows{', grouped by ' + args.group_col if args.group_col else ''})")
+    if len(task.va):
+        log(f"best epoch {best.epoch}: val MAP@3 {best.scores.map3:.4f}, val acc {best.scores.acc:.4f} "
+            f"({len(task.tr)} train / {len(task.va)} val rows"
+            f"{', grouped by ' + args.group_col if args.group_col else ''})")
 
 
 def best_results(best):
-    return {"best_epoch": best["epoch"], "val_map3": best["map3"], "val_acc": best["acc"], "val_loss": best["loss"]}
+    return {"val_map3": best.scores.map3, "val_acc": best.scores.acc, "val_loss": best.scores.loss,
+            "best_epoch": best.epoch}
 
 
-def fit_folds(args, x, y, truth, labels, tr, va, groups, log):
+def fit_folds(args, x, task):
     results, tables = {}, {"history.csv": [], "folds.csv": []}
-    if groups is not None:  # the competition's test asks train's questions: stratified CV mimics it
-        _, _, results["stratified"], extra = cross_validate(x, y, truth, labels, args, None, log, silent)
-        tables = extra
-    heads, oof, res, mine = cross_validate(x, y, truth, labels, args, groups, log)
+    if task.groups is not None:  # the competition's test asks train's questions: stratified CV mimics it
+        _, _, results["stratified"], tables = cross_validate(args, x, task._replace(groups=None), quiet=True)
+    heads, oof, res, mine = cross_validate(args, x, task)
     tables = {name: tables[name] + rows for name, rows in mine.items()}
-    return {"heads": heads, "val_idx": torch.arange(len(y)), "val_probs": oof, "results": {**results, **res},
-            "tables": tables}
+    return Fitted(heads, torch.arange(len(task.y)), oof, {**results, **res}, tables)
 
 
-def cross_validate(x, y, truth, labels, args, groups, log, fold_log=None):
+def cross_validate(args, x, task, quiet=False):
     """K heads, each validated on its held-out fold -> (heads, out-of-fold probabilities, results,
-    tables: {"history.csv", "folds.csv"} rows). x is held once; each fold copies only its own split.
-    fold_log: the epochs' log (default: log)."""
-    fold = torch.tensor(kfold(truth, args.folds, groups, args.seed))
-    heads, oof, maps, history, folds = [], torch.zeros(len(y), len(labels)), [], [], []
-    kind = f"grouped by {args.group_col}" if groups else "stratified"
-    with interrupted(lambda: f"in fold {len(maps) + 1} of {args.folds}" + (f" (val MAP@3 of the folds done: "
-                     f"{', '.join(f'{m:.4f}' for m in maps)})" if maps else "")):
+    tables: {"history.csv", "folds.csv"} rows). x is held once; each fold copies only its own
+    split. quiet: no epoch lines (the extra stratified CV of a grouped run)."""
+    fold = torch.tensor(kfold(task.truth, args.folds, task.groups, args.seed))
+    heads, oof, maps, history, folds = [], torch.zeros(len(task.y), len(task.labels)), [], [], []
+    kind = f"grouped by {args.group_col}" if task.groups else "stratified"
+    with interrupted(lambda: f"in fold {len(maps) + 1} of {args.folds}" + (
+            f" (val MAP@3 of the folds done: {', '.join(f'{m:.4f}' for m in maps)})" if maps else "")):
         for k in range(args.folds):
             tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
-            head, best = train_head(x[tr], y[tr], x[va], y[va], labels, args, fold_log or log,
-                                    tag=f"fold {k}  ")
+            head, best = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels, args,
+                                    tag=None if quiet else f"fold {k}  ")
             heads.append(head)
-            oof[va] = best["probs"]
-            maps.append(best["map3"])
-            history += [{"cv": kind, "fold": k, **row} for row in best["history"]]
-            folds.append({"cv": kind, "fold": k, "val_map3": best["map3"], "val_acc": best["acc"],
-                          "val_loss": best["loss"], "best_epoch": best["epoch"], "val_rows": len(va)})
+            oof[va] = best.scores.probs
+            maps.append(best.scores.map3)
+            history += [{"cv": kind, "fold": k, **row} for row in best.history]
+            folds.append({"cv": kind, "fold": k, **best_results(best), "val_rows": len(va)})
     res = {"fold_map3": maps, "map3_mean": statistics.mean(maps), "map3_std": statistics.stdev(maps),
-           "oof_map3": map_at_k(truth, top_k(oof, labels)), "cv": kind}
+           "oof_map3": map_at_k(task.truth, top_k(oof, task.labels)), "cv": kind}
     log(f"{args.folds}-fold MAP@3 {res['map3_mean']:.4f} ± {res['map3_std']:.4f}, "
         f"out-of-fold MAP@3 {res['oof_map3']:.4f} ({kind})")
     return heads, oof, res, {"history.csv": history, "folds.csv": folds}
 
 
-def fit_sweep(args, x, y, truth, labels, tr, va, groups, log):
+def fit_sweep(args, x, task):
     """--sweep N random head configurations on the same vectors and split. Only the best trial's
     head and probabilities are kept; the others are scored and dropped."""
     rng, trials, best, history = random.Random(args.seed), [], None, []
 
     def progress():  # for Ctrl-C
         return f"after {len(trials)} of {args.sweep} sweep trials" + (
-            f" (best so far: trial {best[0]}, val MAP@3 {best[2]['map3']:.4f}, {json.dumps(best[1])})" if best else "")
+            f" (best so far: trial {best[0]}, val MAP@3 {best[2].scores.map3:.4f}, "
+            f"{json.dumps(best[1])})" if best else "")
 
+    tr, va = task.tr, task.va
     with interrupted(progress):
         for trial in range(args.sweep):
             config = sample_head_config(rng)
             t0 = time.time()
-            head, result = train_head(x[tr], y[tr], x[va], y[va], labels, argparse.Namespace(**{**vars(args), **config}))
-            trials.append((result["map3"], trial, config, time.time() - t0))
-            history += [{"trial": trial, **row} for row in result["history"]]
-            if best is None or result["map3"] > best[2]["map3"]:
+            head, result = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels,
+                                      argparse.Namespace(**{**vars(args), **config}))
+            trials.append((result.scores.map3, trial, config, time.time() - t0))
+            history += [{"trial": trial, **row} for row in result.history]
+            if best is None or result.scores.map3 > best[2].scores.map3:
                 best = (trial, config, result, head)
             del head, result  # only the best trial's head and probabilities stay
-            log(f"trial {trial:3d}: val MAP@3 {trials[-1][0]:.4f}  {json.dumps(config)}  {trials[-1][3]:.1f}s")
+            log(f"trial {trial:3d}: val MAP@3 {trials[-1][0]:.4f}  {json.dumps(config)}  "
+                f"{trials[-1][3]:.1f}s")
     trials.sort(key=lambda t: (-t[0], t[1]))
-    print_table(log, ["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs", "time"],
+    print_table(["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs", "time"],
                 [[r + 1, t, f"{m:.4f}", "x".join(map(str, c["hidden"])), c["dropout"], f"{c['lr']:.2e}",
                   c["weight_decay"], c["label_smoothing"], c["epochs"], f"{s:.1f}s"]
                  for r, (m, t, c, s) in enumerate(trials)])
     trial, config, result, head = best
-    table = [{"rank": r + 1, "trial": t, "val_map3": m, **{k: "x".join(map(str, v)) if k == "hidden" else v
-                                                           for k, v in c.items()}, "seconds": sec}
-             for r, (m, t, c, sec) in enumerate(trials)]
-    return {"heads": [head], "val_idx": va, "val_probs": result["probs"], "config": config,
-            "results": {"best_trial": trial, "val_map3": result["map3"], "sweep": [[t, m, c] for m, t, c, _ in trials]},
-            "tables": {"history.csv": history, "sweep.csv": table}}
+    table = [{"rank": r + 1, "trial": t, "val_map3": m, **c, "hidden": "x".join(map(str, c["hidden"])),
+              "seconds": sec} for r, (m, t, c, sec) in enumerate(trials)]
+    results = {"best_trial": trial, "val_map3": result.scores.map3,
+               "sweep": [[t, m, c] for m, t, c, _ in trials]}
+    return Fitted([head], va, result.scores.probs, results,
+                  {"history.csv": history, "sweep.csv": table}, config)
 
 
 def sample_head_config(rng):
@@ -250,43 +301,45 @@ def sample_head_config(rng):
 
 # ----------------------------------------------------------------------------- the layer sweep
 
-def layer_sweep(args, data, labels, y, tr, va, log, results):
+def layer_sweep(args, spec, options, data, task, results):
     """One forward pass pools every layer (and both poolings); then one head per (pooling, layer),
     each trained with only that layer's vectors in memory."""
-    n_layers = Qwen3Config.from_json(resolve_model_dir(args.model) / "config.json").num_hidden_layers
-    layers = [None] + list(range(n_layers + 1)) if args.layer_sweep else [args.layer]
-    poolings = ["last", "mean"] if args.compare_pooling else [args.pooling]
-    stored = cache_vectors(args, data, log, poolings, layers)
+    stored = cache_vectors(args, spec, options, data, ["last", "mean"] if args.compare_pooling else None,
+                           "all" if args.layer_sweep else None)
     if stored is None:  # a torchrun rank other than 0
         return None
     table, rows, history = [], [], []
-    with interrupted(lambda: f"after {len(table)} of {len(poolings) * len(layers)} layer-sweep heads"):
-        for pooling, layer in ((p, layer) for p in poolings for layer in layers):
+    tr, va = task.tr, task.va
+    with interrupted(lambda: f"after {len(table)} of {len(stored)} layer-sweep heads"):
+        for (pooling, layer), vectors in stored.items():
             t0 = time.time()
-            x = stored[pooling, layer].load()
-            _, best = train_head(x[tr], y[tr], x[va], y[va], labels, args)
+            x = vectors.load()
+            _, best = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels, args)
             del x  # one layer's vectors in memory at a time
             name = "final (normed)" if layer is None else str(layer)
-            table.append([pooling, name, f"{best['map3']:.4f}", f"{best['acc']:.4f}", best["epoch"],
+            table.append([pooling, name, f"{best.scores.map3:.4f}", f"{best.scores.acc:.4f}", best.epoch,
                           f"{time.time() - t0:.1f}s"])
-            rows.append({"pooling": pooling, "layer": "final" if layer is None else layer, "val_map3": best["map3"],
-                         "val_acc": best["acc"], "best_epoch": best["epoch"], "seconds": time.time() - t0})
-            history += [{"pooling": pooling, "layer": rows[-1]["layer"], **row} for row in best["history"]]
+            rows.append({"pooling": pooling, "layer": "final" if layer is None else layer,
+                         "val_map3": best.scores.map3, "val_acc": best.scores.acc, "best_epoch": best.epoch,
+                         "seconds": time.time() - t0})
+            history += [{"pooling": pooling, "layer": rows[-1]["layer"], **row} for row in best.history]
     scores = [float(r[2]) for r in table]
-    print_table(log, ["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time", ""],
+    print_table(["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time", ""],
                 [r + [score_bar(s, min(scores), max(scores))] for r, s in zip(table, scores)])
     results = {**results, "table": table}
     if args.out:  # no head is kept: the folder holds what the sweep learned
         write_tables(args.out, {"layer_sweep.csv": rows, "history.csv": history},
-                     {"args.json": json.dumps(vars(args), indent=2), "results.json": json.dumps(results, indent=2)})
+                     {"args.json": json.dumps(vars(args), indent=2),
+                      "results.json": json.dumps(results, indent=2)})
         log(f"wrote {args.out}/ (layer_sweep.csv, history.csv, args.json, results.json)")
     return results
 
 
-def print_table(log, header, rows):
+def print_table(header, rows):
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     for line in [header] + rows:
-        log("  ".join(str(v).rjust(w) if i < len(header) - 1 else str(v) for i, (v, w) in enumerate(zip(line, widths))))
+        log("  ".join(str(v).rjust(w) if i < len(header) - 1 else str(v)
+                      for i, (v, w) in enumerate(zip(line, widths))))
 
 
 def score_bar(value, low, high, width=24):
@@ -296,65 +349,71 @@ def score_bar(value, low, high, width=24):
 
 # ----------------------------------------------------------------------------- LoRA
 
-def train_lora(args, texts, y, tr, va, labels, log=print):
+def train_lora(args, spec, texts, task):
     """--lora-rank R: adapters on the frozen Qwen3 (lora.py) and the head, trained together in
     train_loop on the pooled EOS state: each step runs the model on a batch of texts, with
-    gradients, instead of reading cached vectors. Returns (head, best, adapter tensors, embedder,
-    fidelity: measure_fidelity's figures on a quantized base, else None)."""
-    embedder = Qwen3Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=False,
-                                             quantize=args.quantize, max_memory=args.max_memory, log=log)
-    fidelity = embed_cache.measure_sample(embedder, texts, args.fidelity_texts, log, instruction=args.instruction,
-                                          max_length=args.max_length, pooling=args.pooling, dim=args.dim,
-                                          append_eos=not args.no_eos)
+    gradients, instead of reading cached vectors. Returns (Fitted, the spec as the run decided
+    it, measure_fidelity's figures on a quantized base or None)."""
+    embedder = Qwen3Embedder.from_pretrained(spec.model, device=args.device, dtype=spec.dtype,
+                                             compile=False, quantize=spec.weights,
+                                             max_memory=args.max_memory, log=log)
+    spec = dataclasses.replace(spec, dtype=dtype_name(embedder.dtype), weights=embedder.weight_format)
+    fidelity = embed_cache.measure_sample(embedder, texts, args.fidelity_texts, spec, log)
     model, head_device = embedder.model, pick_device(args.head_device or embedder.device)
     torch.manual_seed(args.seed)  # same seed: same adapters, head, batches, dropout
     lora = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), args.lora_layers)
     if args.grad_checkpoint:
         checkpoint_blocks(model)
-    head, group = make_head(args.dim or embedder.dim, len(labels), args, head_device)
-    adapters = {"params": list(lora.values()), "lr": args.lora_lr, "peak": args.lora_lr, "weight_decay": 0.0,
-                "name": "lora"}
-    n_params = sum(p.numel() for p in lora.values())
-    log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {args.lora_targets} in the top "
-        f"{args.lora_layers or len(model.layers)} of {len(model.layers)} blocks: {n_params:,} trainable parameters "
-        f"(the model has {sum(math.prod(shape) for shape, _ in checkpoint_tensors(embedder.folder).values()):,}); "
-        "vectors are not cached")
-    ids = embedder.tokenize(texts, args.instruction, args.max_length, not args.no_eos)
+    head, group = make_head(spec.dim or embedder.dim, len(task.labels), args, head_device)
+    adapters = {"params": list(lora.values()), "lr": args.lora_lr, "peak": args.lora_lr,
+                "weight_decay": 0.0, "name": "lora"}
+    say_lora(args, embedder, lora)
+    ids = embedder.tokenize(texts, spec.instruction, spec.max_length, spec.eos)
+    tr, va, y = task.tr, task.va, task.y
 
-    def batch_loss(idx):  # the model with gradients on these texts, pooled and L2-normed like the cache's vectors
+    def batch_loss(idx):  # the model with gradients on these texts, pooled and L2-normed like the cache's
         rows = tr[idx].tolist()
         lengths = torch.tensor([len(ids[i]) for i in rows])
         flat = torch.tensor([t for i in rows for t in ids[i]]).to(embedder.device)
-        v = embedder.pool(model(flat, lengths), lengths, args.pooling, args.dim, normalize=True)
-        return F.cross_entropy(head(v.to(head_device)), y[tr[idx]].to(head_device), label_smoothing=args.label_smoothing)
+        v = embedder.pool(model(flat, lengths), lengths, spec.pooling, spec.dim, normalize=True)
+        return F.cross_entropy(head(v.to(head_device)), y[tr[idx]].to(head_device),
+                               label_smoothing=args.label_smoothing)
 
     def validate():
         if not len(va):
             return None
-        x_va = embedder.encode([texts[i] for i in va.tolist()], instruction=args.instruction,
-                               max_length=args.max_length, dim=args.dim, pooling=args.pooling, progress=False,
-                               append_eos=not args.no_eos)
-        return evaluate_head(head, x_va, y[va], labels)
+        x_va = embedder.encode([texts[i] for i in va.tolist()], spec.instruction, max_length=spec.max_length,
+                               dim=spec.dim, pooling=spec.pooling, progress=False, append_eos=spec.eos)
+        return evaluate_head(head, x_va, y[va], task.labels)
 
     def snapshot():
         return {"head": {k: v.clone() for k, v in head.state_dict().items()},
                 "lora": {k: v.detach().clone() for k, v in lora.items()}}
 
-    best = train_loop(head, [group, adapters], len(tr), batch_loss, validate, snapshot, args, log)
-    state = best.pop("state")
-    head.load_state_dict(state["head"])
-    return head.cpu().eval(), best, {k: v.cpu() for k, v in state["lora"].items()}, embedder, fidelity
+    best = train_loop(head, [group, adapters], len(tr), batch_loss, validate, snapshot, args, tag="")
+    head.load_state_dict(best.state["head"])
+    say_best(args, best, task)
+    lora = {k: v.cpu() for k, v in best.state["lora"].items()}
+    results = {**best_results(best), "lora_trainable_params": sum(t.numel() for t in lora.values())}
+    return Fitted([head.cpu().eval()], va, best.scores.probs, results, {"history.csv": best.history},
+                  lora=lora), spec, fidelity
+
+
+def say_lora(args, embedder, lora):
+    n_layers = len(embedder.model.layers)
+    n_params = sum(math.prod(shape) for shape, _ in checkpoint_tensors(embedder.folder).values())
+    log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {args.lora_targets} in the top "
+        f"{args.lora_layers or n_layers} of {n_layers} blocks: "
+        f"{sum(p.numel() for p in lora.values()):,} trainable parameters (the model has {n_params:,}); "
+        "vectors are not cached")
 
 
 # ----------------------------------------------------------------------------- the training loop
 
-def silent(*_):  # the log of runs that print a table instead of epochs (sweeps, extra CV)
-    pass
-
-
-def train_head(x_tr, y_tr, x_va, y_va, labels, args, log=silent, tag=""):
+def train_head(x_tr, y_tr, x_va, y_va, labels, args, tag=None):
     """A head on frozen vectors, on args.head_device (None: the embedding device); it comes back on
-    the CPU with the best epoch's weights. Returns (head, best) as train_loop."""
+    the CPU with the best epoch's weights. tag: prefix of its epoch lines (None: not printed, as in
+    sweeps, which print a table). Returns (head, Best)."""
     device = pick_device(args.head_device or args.device)
     x_tr, y_tr, x_va, y_va = (t.to(device) for t in (x_tr, y_tr, x_va, y_va))
     torch.manual_seed(args.seed)  # same seed, same init, same batches, same numbers (on the same device)
@@ -366,27 +425,34 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, log=silent, tag=""):
 
     best = train_loop(head, [group], len(x_tr), batch_loss,
                       lambda: evaluate_head(head, x_va, y_va, labels) if len(x_va) else None,
-                      lambda: {k: v.clone() for k, v in head.state_dict().items()}, args, log or silent, tag)
-    head.load_state_dict(best.pop("state"))
-    return head.cpu().eval(), best
+                      lambda: {k: v.clone() for k, v in head.state_dict().items()}, args, tag)
+    head.load_state_dict(best.state)
+    return head.cpu().eval(), best._replace(state=None)
 
 
 def make_head(in_dim, n_classes, args, device):
     head = MLPHead(in_dim, n_classes, args.hidden, args.dropout, args.activation, args.input_norm).to(device)
-    group = {"params": list(head.parameters()), "lr": args.lr, "peak": args.lr, "weight_decay": args.weight_decay,
-             "name": "head"}
+    group = {"params": list(head.parameters()), "lr": args.lr, "peak": args.lr,
+             "weight_decay": args.weight_decay, "name": "head"}
     return head, group
 
 
-def train_loop(head, groups, n_train, batch_loss, validate, snapshot, args, log, tag=""):
+class Best(NamedTuple):
+    """What a training run keeps: its best epoch and that epoch's scores and state."""
+    epoch: int
+    scores: "Scores"
+    history: list  # one dict per epoch: the numbers of its log line (history.csv)
+    state: object  # snapshot() of the best epoch
+
+
+def train_loop(head, groups, n_train, batch_loss, validate, snapshot, args, tag=None):
     """The one hand-written loop, for the frozen head and for LoRA: AdamW over the parameter groups
     (each with its own peak LR, warmup then cosine), the rows shuffled each epoch by a seeded
     generator, and the epoch with the best validation MAP@3 kept (the last one without validation).
 
     batch_loss(idx): the loss on training rows idx (0..n_train-1); validate(): Scores on the
-    validation rows, or None if there are none; snapshot(): the tensors to keep of
-    the best epoch. Returns {"epoch", "map3", "acc", "loss", "probs", "state", "history"}: history is
-    one dict per epoch, the numbers of its log line (history.csv)."""
+    validation rows, or None if there are none; snapshot(): the tensors to keep of the best epoch;
+    tag: prefix of the epoch lines, None: silent. Returns Best."""
     device = next(head.parameters()).device
     # fused: one kernel for the whole update, 1.7x faster steps on CPU for a 2048x1024 head
     opt = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
@@ -409,20 +475,23 @@ def train_loop(head, groups, n_train, batch_loss, validate, snapshot, args, log,
             opt.step()
             train_loss += loss.detach() * len(idx)
             step += 1
-        val = validate()
-        line = f"{tag}epoch {epoch:3d}/{args.epochs}  train loss {train_loss.item() / n_train:.4f}  "
-        if val is None:  # no validation: the last epoch is kept
-            val = Scores(float("nan"), float("nan"), float("nan"), torch.empty(0, head.hparams["n_classes"]))
-        else:
-            line += f"val loss {val.loss:.4f}  val acc {val.acc:.4f}  val MAP@3 {val.map3:.4f}  "
+        val = validate() or Scores(*[float("nan")] * 3, torch.empty(0, head.hparams["n_classes"]))
         seconds = time.time() - t0
-        log(line + f"{seconds:.2f}s")
         history.append({"epoch": epoch, "train_loss": train_loss.item() / n_train, "val_loss": val.loss,
                         "val_acc": val.acc, "val_map3": val.map3, "seconds": seconds,
                         **{f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(opt.param_groups)}})
-        if best is None or math.isnan(val.map3) or val.map3 > best["map3"]:
-            best = {**val._asdict(), "epoch": epoch, "state": snapshot()}
-    return {**best, "history": history}
+        if tag is not None:
+            log(epoch_line(tag, history[-1], args.epochs))
+        if best is None or math.isnan(val.map3) or val.map3 > best.scores.map3:  # no validation: the last
+            best = Best(epoch, val, history, snapshot())
+    return best
+
+
+def epoch_line(tag, row, epochs):
+    """An epoch's log line, from its history.csv row."""
+    val = (f"val loss {row['val_loss']:.4f}  val acc {row['val_acc']:.4f}  val MAP@3 {row['val_map3']:.4f}  "
+           if not math.isnan(row["val_map3"]) else "")
+    return f"{tag}epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f}  {val}{row['seconds']:.2f}s"
 
 
 def get_lr(step, total_steps, warmup_steps, max_lr):
@@ -468,31 +537,32 @@ def interrupted(progress):
 
 # ----------------------------------------------------------------------------- what a run keeps
 
-def save_run(args, data, labels, fitted, results, embedding, log):
+def save_run(args, data, labels, fitted, results, embedding):
     """The checkpoint folder: heads, meta.json (with the embedding spec evaluate.py needs), the
     flags that made it, the validation predictions, and the LoRA adapters if any."""
-    truth, rows, lora = data["truth"], data["rows"], fitted.get("lora")
     table = io.StringIO()
     w = csv.writer(table)
     w.writerow([args.id_col, "label", "top3"] + [f"p_{label}" for label in labels])
-    for i, p, pr in zip(fitted["val_idx"].tolist(), top_k(fitted["val_probs"], labels), fitted["val_probs"].tolist()):
-        w.writerow([rows[i][args.id_col], truth[i], " ".join(p)] + [f"{v:.5f}" for v in pr])
-    if lora:  # the adapters beside the head; evaluate.py applies them to the base model
-        results["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
-                           "layers": args.lora_layers, "file": "lora.safetensors"}
-    flags = {**vars(args), **fitted.get("config", {})}  # a sweep records its winning configuration
+    for i, p, pr in zip(fitted.val_idx.tolist(), top_k(fitted.val_probs, labels), fitted.val_probs.tolist()):
+        w.writerow([data.rows[i][args.id_col], data.truth[i], " ".join(p)] + [f"{v:.5f}" for v in pr])
+    if fitted.lora:  # the adapters beside the head; evaluate.py applies them to the base model
+        results["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha,
+                           "targets": args.lora_targets.split(","), "layers": args.lora_layers,
+                           "file": "lora.safetensors"}
+    flags = {**vars(args), **fitted.config}  # a sweep records its winning configuration
+    files = {"args.json": json.dumps(flags, indent=2), "val_predictions.csv": table.getvalue(),
+             **{name: table_csv(rows) for name, rows in fitted.tables.items()}}
     try:
-        save_checkpoint(args.out, fitted["heads"], labels, embedding, results,
-                        files={"args.json": json.dumps(flags, indent=2), "val_predictions.csv": table.getvalue(),
-                           **{name: table_csv(rows) for name, rows in fitted["tables"].items()}},
-                        tensors={"lora.safetensors": lora} if lora else None)
+        save_checkpoint(args.out, fitted.heads, labels, embedding, results, files=files,
+                        tensors={"lora.safetensors": fitted.lora} if fitted.lora else None)
     except DiskFullError as e:
-        tensors = [t for h in fitted["heads"] for t in h.state_dict().values()] + list((lora or {}).values())
+        tensors = [t for h in fitted.heads for t in h.state_dict().values()] + list((fitted.lora or {}).values())
         need = sum(t.numel() * t.element_size() for t in tensors) + len(table.getvalue())
-        raise DiskFullError(f"--out {args.out}: {e}; the checkpoint needs about {need / 1e6:.1f} MB"
-                            + ("" if lora else " (the vectors are cached: a rerun goes straight to the head)")) from None
-    log(f"wrote {args.out}/ (meta.json, {len(fitted['heads'])} head file(s){', lora.safetensors' if lora else ''}, "
-        f"args.json, val_predictions.csv, {', '.join(fitted['tables'])})")
+        raise DiskFullError(f"--out {args.out}: {e}; the checkpoint needs about {need / 1e6:.1f} MB" + (
+            "" if fitted.lora else " (the vectors are cached: a rerun goes straight to the head)")) from None
+    log(f"wrote {args.out}/ (meta.json, {len(fitted.heads)} head file(s)"
+        f"{', lora.safetensors' if fitted.lora else ''}, args.json, val_predictions.csv, "
+        f"{', '.join(fitted.tables)})")
 
 
 def table_csv(rows):
@@ -548,6 +618,11 @@ def parse_args(argv=None):
                    help="compute dtype; None: bfloat16 on CUDA GPUs of compute capability 8.0+ and on CPUs with "
                    "native bf16 (AVX-512 BF16, AMX), else float32 (float16 is refused: Qwen3 overflows it)")
     cli.add_flags(e)
+    add_head_flags(p)
+    return p.parse_args(argv)
+
+
+def add_head_flags(p):
     h = p.add_argument_group("head and training")
     h.add_argument("--hidden", type=int, nargs=2, default=[1024, 512], metavar=("H1", "H2"), help="hidden layer sizes")
     h.add_argument("--dropout", type=float, default=0.2, help="on the input and after each hidden layer")
@@ -571,7 +646,6 @@ def parse_args(argv=None):
     t.add_argument("--lora-lr", type=float, default=2e-4, help="peak learning rate of the adapters")
     t.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in the "
                    "backward pass: less memory, about a third more time")
-    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

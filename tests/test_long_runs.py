@@ -234,17 +234,23 @@ def test_a_full_disk_at_the_checkpoint_and_the_submission(tmp_path, tiny, monkey
     assert not (tmp_path / "sub.csv").exists() and not leftovers(tmp_path)
 
 
-def test_a_cache_written_before_is_found(tmp_path, tiny, monkeypatch):
-    """The spec that keys the cache keeps its names and values: vectors cached under the spec as
-    the code wrote it before int4, --no-eos and the fidelity measurement (written here by hand, the
-    vectors by the model) are found, and no forward pass runs."""
+@pytest.mark.parametrize("weights, eos", [("none", True), ("int8", True), ("int4", False)])
+def test_a_cache_written_before_is_found(tmp_path, tiny, monkeypatch, weights, eos):
+    """The spec that keys the cache keeps its names and values: vectors cached under the spec dict
+    as the code wrote it before EmbedSpec (written here by hand: "weights" only when quantized,
+    named with its group, "eos" only when False; the vectors by the model) are found, and no
+    forward pass runs."""
     texts = NUMBERED_TEXTS[:5]
     before = {"checkpoint": embed_cache.checkpoint_identity(tiny), "model": str(tiny), "instruction": None,
               "max_length": 8192, "dim": None, "dtype": "float32", "pooling": "last", "layer": None}
-    model = Qwen3Embedder.from_pretrained(tiny, **PINNED_KW)
-    embed_cache.Cache(tmp_path, before).save(embed_cache.text_keys(texts), model.encode(texts, progress=False))
+    before.update({} if weights == "none" else {"weights": f"{weights}-g32"})
+    before.update({} if eos else {"eos": False})
+    model = Qwen3Embedder.from_pretrained(tiny, quantize=weights, **PINNED_KW)
+    vectors = model.encode(texts, progress=False, append_eos=eos)
+    embed_cache.Cache(tmp_path, before).save(embed_cache.text_keys(texts), vectors)
     calls = count_forward_passes(monkeypatch)
     logs = []
-    got = embed_cache.embed(texts, str(tiny), cache_dir=tmp_path, progress=False, log=logs.append, **PINNED_KW)[None]
+    got = embed_cache.embed(texts, str(tiny), cache_dir=tmp_path, progress=False, log=logs.append, weights=weights,
+                            eos=eos, **PINNED_KW)[None]
     assert not calls and "no forward pass" in logs[0]
-    assert torch.equal(got, model.encode(texts, progress=False))
+    assert torch.equal(got, vectors)

@@ -58,9 +58,10 @@ def test_pending_vectors_are_bounded_while_embedding(tmp_path, tiny, monkeypatch
     monkeypatch.setattr(embed_cache, "PENDING_BYTES", 10 * 64 * 4 * 3)  # 3 texts of every spec
     monkeypatch.setattr(embed_cache, "COMPACT_AT", 10**6)
     texts = [f"text {i} " + "word " * i for i in range(20)]
-    stored = embed_cache.ensure_cached(texts, str(tiny), poolings=("last", "mean"), layers=(None, 0, 1, 2, 3),
-                                       cache_dir=tmp_path, progress=False, log=lambda *_: None, **dict(
-                                           device="cpu", dtype="float32"), batch_size=1)
+    stored = embed_cache.ensure_cached(
+        texts, embed_cache.EmbedSpec(str(tiny), dtype="float32"),
+        embed_cache.RunOptions(device="cpu", batch_size=1, cache_dir=tmp_path, progress=False),
+        poolings=("last", "mean"), layers=(None, 0, 1, 2, 3), log=lambda *_: None)
     sizes = [len(load_file(f)["keys"]) for f in tmp_path.glob("*/chunk-*.safetensors")]
     assert len(sizes) == 10 * 8 and max(sizes) == 3  # per spec: 1, then 6 x 3, then the last 1
     one = embed_cache.embed(texts, str(tiny), pooling="mean", layers=(2,), cache_dir=tmp_path / "fresh",
@@ -83,8 +84,8 @@ def test_each_sweep_row_is_a_head_trained_on_that_layer_alone(base, tiny):
         x = embed_cache.embed(texts, str(tiny), pooling=pooling, layers=(layer,), cache_dir=args.cache_dir,
                               max_length=512, progress=False, log=lambda *_: None, device="cpu", dtype="float32")[layer]
         _, best = train.train_head(x[tr], y[tr], x[va], y[va], labels, args)
-        assert f"{best['map3']:.4f}" == table[pooling, "final (normed)" if layer is None else str(layer)]
-        scores.add(best["map3"])
+        assert f"{best.scores.map3:.4f}" == table[pooling, "final (normed)" if layer is None else str(layer)]
+        scores.add(best.scores.map3)
     assert len(scores) > 1  # the rows differ, so a row computed on the wrong layer would show
 
 

@@ -100,18 +100,18 @@ def test_head_learns_separated_clusters():
     x, y = clusters()
     labels = [f"c{i}" for i in range(5)]
     xv = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(5)) * 0.5  # same centers, new noise
-    head, best = train.train_head(x, y, xv, y, labels, head_args(), log=lambda *_: None)
-    assert best["map3"] >= 0.95
-    assert map_at_k([labels[i] for i in y], top_k(predict_proba([head], xv), labels)) == pytest.approx(best["map3"])
+    head, best = train.train_head(x, y, xv, y, labels, head_args())
+    assert best.scores.map3 >= 0.95
+    assert map_at_k([labels[i] for i in y], top_k(predict_proba([head], xv), labels)) == pytest.approx(best.scores.map3)
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers():
     x, y = clusters(classes=4, n_per_class=20)
     labels = list("abcd")
-    runs = [train.train_head(x[::2], y[::2], x[1::2], y[1::2], labels, head_args(epochs=3, seed=s),
-                             log=lambda *_: None)[1] for s in (3, 3, 4)]
-    assert runs[0]["loss"] == runs[1]["loss"] and torch.equal(runs[0]["probs"], runs[1]["probs"])
-    assert runs[0]["loss"] != runs[2]["loss"]
+    runs = [train.train_head(x[::2], y[::2], x[1::2], y[1::2], labels, head_args(epochs=3, seed=s))[1].scores
+            for s in (3, 3, 4)]
+    assert runs[0].loss == runs[1].loss and torch.equal(runs[0].probs, runs[1].probs)
+    assert runs[0].loss != runs[2].loss
 
 
 def test_fold_ensemble_averages_probabilities():

@@ -179,3 +179,21 @@ def test_no_eos_is_its_own_cache_entry_and_the_checkpoint_keeps_it(tmp_path, bas
     out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "no-eos"), "--data", base[1], "--device",
                                              "cpu", "--cache-dir", str(tmp_path / "cache"), "--quiet"]))
     assert not calls and out["map3"] > 0  # the checkpoint's no-EOS vectors, from the cache
+
+
+def test_a_checkpoint_written_before_weights_and_eos_were_recorded_still_evaluates(tmp_path, base, monkeypatch):
+    """meta.json's "embedding" is the EmbedSpec's fields plus the data's; one written before the
+    weight format and EOS were recorded (both absent) reads as weights as shipped, EOS appended,
+    and finds the vectors its head was trained on in the cache."""
+    train.main(train.parse_args(base + ["--quantize", "none", "--out", str(tmp_path / "run")]), log=lambda *_: None)
+    meta_file = tmp_path / "run" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert {"model", "instruction", "max_length", "pooling", "layer", "dim", "dtype", "weights",
+            "eos"} <= set(meta["embedding"]) and meta["embedding"]["weights"] == "none"
+    for field in ("weights", "eos"):
+        del meta["embedding"][field]
+    meta_file.write_text(json.dumps(meta))
+    calls = count_forward_passes(monkeypatch)
+    out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "run"), "--data", base[1], "--device",
+                                             "cpu", "--cache-dir", str(tmp_path / "cache"), "--quiet"]))
+    assert not calls and out["map3"] > 0
