@@ -29,7 +29,7 @@ def cli(main, parse_args, argv=None):
     def on_sigterm(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one is not caught
         stopped.append(signum)
-        raise KeyboardInterrupt  # unwinds like Ctrl-C: pending vectors written, temporary files removed
+        raise KeyboardInterrupt  # unwinds as Ctrl-C does: pending vectors written, temp files gone
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -38,7 +38,8 @@ def cli(main, parse_args, argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:  # train.py adds how far the head phase got
         print(f"{'terminated (SIGTERM)' if stopped else 'interrupted'}: "
-              f"{str(e) or 'the vectors computed so far are cached; run again to resume'}", file=sys.stderr)
+              f"{str(e) or 'the vectors computed so far are cached; run again to resume'}",
+              file=sys.stderr)
         sys.exit(128 + signal.SIGTERM if stopped else 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -48,32 +49,39 @@ def add_flags(p, quantize_default="auto"):
     """The flags that train.py and evaluate.py share: where and how the model runs (None: chosen by
     the device and the job, as in Qwen3Embedder) and the cache; run_options(args) turns them into
     the RunOptions of embed_cache.ensure_cached (--quantize is the EmbedSpec's weights)."""
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ...; None: cuda, else mps, else cpu")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps ...; None: cuda, else mps, else cpu")
     p.add_argument("--quantize", choices=["auto", *weights.FORMATS], default=quantize_default,
-                   help="how the weights are kept: none = as shipped (bf16), int8 = group-wise int8 (8.5 bits per "
-                   "weight), int4 = group-wise int4 with the embedding table and v_proj in int8 (about 4.9); auto: "
-                   "the first of none, int8, int4 that fits the memory budget" +
+                   help="how the weights are kept: none = as shipped (bf16), int8 = group-wise "
+                   "int8 (8.5 bits per weight), int4 = group-wise int4 with the embedding table "
+                   "and v_proj in int8 (about 4.9); auto: the first of none, int8, int4 that fits "
+                   "the memory budget" +
                    ("" if quantize_default else "; None: the checkpoint's"))
-    p.add_argument("--fidelity-texts", type=int, default=64, help="with int8 or int4 weights, embed this many of "
-                   "the run's texts with the weights as shipped too (read one layer at a time) and report the cosine "
-                   "between the two; 0: skip")
-    p.add_argument("--max-memory", type=float, default=None, help="memory budget in GB for --quantize; None: "
-                   "free memory on the GPU, available RAM on the CPU (shared by torchrun's ranks on a node; each has a GPU "
-                   "of its own)")
-    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass, at most; None: no limit "
-                   "but the token budget")
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward pass, at most; None: "
-                   "2048 off CUDA (fewer when every layer is kept), on CUDA from the free memory and the model's shape")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
-                   "model's blocks; None: when the texts to embed hold 100,000 tokens or more")
-    p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache shared by train.py and evaluate.py")
-    p.add_argument("--cache-chunk", type=int, default=1024, help="texts embedded between cache writes, at most")
-    p.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between cache writes, "
-                   "at most (or one batch, if longer): what a kill can lose")
+    p.add_argument("--fidelity-texts", type=int, default=64, help="with int8 or int4 weights, "
+                   "embed this many of the run's texts with the weights as shipped too (read one "
+                   "layer at a time) and report the cosine between the two; 0: skip")
+    p.add_argument("--max-memory", type=float, default=None, help="memory budget in GB for "
+                   "--quantize; None: free memory on the GPU, available RAM on the CPU (shared by "
+                   "torchrun's ranks on a node; each has a GPU of its own)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="texts per forward pass, at most; None: no limit but the token budget")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward pass, "
+                   "at most; None: 2048 off CUDA (fewer when every layer is kept), on CUDA from "
+                   "the free memory and the model's shape")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model's blocks; None: when the texts to embed hold "
+                   "100,000 tokens or more")
+    p.add_argument("--cache-dir", default=".cache/embeddings",
+                   help="embedding cache shared by train.py and evaluate.py")
+    p.add_argument("--cache-chunk", type=int, default=1024,
+                   help="texts embedded between cache writes, at most")
+    p.add_argument("--cache-seconds", type=float, default=15, help="seconds of embedding between "
+                   "cache writes, at most (or one batch, if longer): what a kill can lose")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run_options(args):
     """The shared flags as embed_cache.RunOptions (which checks them)."""
-    return RunOptions(args.device, args.max_memory, args.batch_size, args.max_batch_tokens, args.compile,
-                      args.cache_dir, args.cache_chunk, args.cache_seconds, args.fidelity_texts, not args.quiet)
+    return RunOptions(args.device, args.max_memory, args.batch_size, args.max_batch_tokens,
+                      args.compile, args.cache_dir, args.cache_chunk, args.cache_seconds,
+                      args.fidelity_texts, not args.quiet)

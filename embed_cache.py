@@ -43,10 +43,10 @@ from runtime import TextTooLongError
 MIB = 1 << 20
 COMPACT_AT = 8  # chunk files in one cache folder before they are merged into one
 FIDELITY_WARN = 0.99  # min cosine against as shipped under which a quantized run warns
-PENDING_BYTES = 256 * MIB  # vectors held before a write, at most: with 76 specs of 4096-d, 215 texts
+PENDING_BYTES = 256 * MIB  # vectors held before a write, at most: 215 texts x 76 specs of 4096-d
 
 
-# ----------------------------------------------------------------------------- what a vector depends on
+# ------------------------------------------------------------------------- what a vector depends on
 
 @dataclass(frozen=True)
 class EmbedSpec:
@@ -72,11 +72,13 @@ class EmbedSpec:
         if self.pooling not in ("last", "mean"):
             raise ValueError(f"--pooling must be 'last' or 'mean', got {self.pooling!r}")
         if self.weights not in ("auto", *weights.FORMATS):
-            raise ValueError(f"--quantize must be auto or one of {weights.FORMATS}, got {self.weights!r}")
+            raise ValueError(f"--quantize must be auto or one of {weights.FORMATS}, "
+                             f"got {self.weights!r}")
 
     @classmethod
     def from_meta(cls, embedding):
-        """The spec a checkpoint's meta.json saved (older ones lack weights and eos: as shipped, EOS)."""
+        """The spec a checkpoint's meta.json saved (older ones lack weights and eos: weights as
+        shipped, EOS appended)."""
         fields = [f.name for f in dataclasses.fields(cls)]
         return cls(**{"weights": "none", **{k: v for k, v in embedding.items() if k in fields}})
 
@@ -86,7 +88,7 @@ class EmbedSpec:
         key = {"checkpoint": checkpoint, "model": self.model, "instruction": self.instruction,
                "max_length": self.max_length, "dim": self.dim, "dtype": self.dtype,
                "pooling": self.pooling, "layer": self.layer}
-        if self.weights != "none":  # as shipped keeps the caches of before int8; int8 names its group
+        if self.weights != "none":  # as shipped: the caches of before int8 stay valid
             key["weights"] = f"{self.weights}-g{weights.GROUP}"
         if not self.eos:  # with EOS, the caches of before --no-eos stay valid
             key["eos"] = False
@@ -109,15 +111,17 @@ class RunOptions:
 
     def __post_init__(self):
         if self.fidelity_texts < 0:
-            raise ValueError(f"--fidelity-texts must be 0 (skip) or positive, got {self.fidelity_texts}")
-        for flag, value in (("--cache-chunk", self.chunk_size), ("--cache-seconds", self.chunk_seconds),
-                            ("--batch-size", self.batch_size), ("--max-batch-tokens", self.max_batch_tokens),
-                            ("--max-memory", self.max_memory)):
+            raise ValueError(f"--fidelity-texts must be 0 (skip) or positive, "
+                             f"got {self.fidelity_texts}")
+        limits = {"--cache-chunk": self.chunk_size, "--cache-seconds": self.chunk_seconds,
+                  "--batch-size": self.batch_size, "--max-batch-tokens": self.max_batch_tokens,
+                  "--max-memory": self.max_memory}
+        for flag, value in limits.items():
             if value is not None and value <= 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
 
 
-# ----------------------------------------------------------------------------- embedding through the cache
+# ---------------------------------------------------------------------- embedding through the cache
 
 def embed(texts, model, *, layers=None, ids=None, log=print, **kw):
     """{layer: (len(texts), D) float32} of one pooling, through the cache: ensure_cached for a
@@ -129,7 +133,8 @@ def embed(texts, model, *, layers=None, ids=None, log=print, **kw):
     return None if stored is None else {layer: v.load() for (_, layer), v in stored.items()}
 
 
-def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, ids=None, log=print):
+def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, ids=None,
+                  log=print):
     """Put the vectors of every text for every (pooling, layer) in the cache, computing the
     missing ones in ONE forward pass, and return {(pooling, layer): Vectors}: handles that read
     one matrix each. poolings, layers: default the spec's own; layers="all": the final normed
@@ -140,31 +145,34 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
     (measure_fidelity), the figures kept in the cache's spec.json. Under torchrun each rank embeds
     a share of the missing texts, balanced by tokens; rank 0 gets the handles, the others None.
     """
-    rank, world, device = torchrun.distributed(runtime.pick_device(run.device))  # before any GPU work
+    rank, world, device = torchrun.distributed(runtime.pick_device(run.device))  # before GPU work
     if rank:  # logs and progress bars from rank 0 only
         log, run = (lambda *_: None), replace(run, progress=False, fidelity_texts=0)
     folder = runtime.resolve_model_dir(spec.model)
     config = Qwen3Config.from_json(folder / "config.json")
-    layers = [None, *range(config.num_hidden_layers + 1)] if layers == "all" else layers or [spec.layer]
+    if layers == "all":
+        layers = [None, *range(config.num_hidden_layers + 1)]
+    layers, poolings = layers or [spec.layer], poolings or [spec.pooling]
     keys = layer_keys(config, layers, spec.dim)
     spec, why, model_bytes = decide(spec, run, folder, config, device, keys)
     checkpoint, dim = checkpoint_identity(folder), spec.dim or config.hidden_size
     caches = {(p, k): Cache(run.cache_dir, replace(spec, pooling=p, layer=k).key(checkpoint))
-              for p in poolings or [spec.pooling] for k in dict.fromkeys(keys)}
+              for p in poolings for k in dict.fromkeys(keys)}
     text_key = [bytes(k) for k in text_keys(texts).numpy()]
     todo, n_missing = missing(caches.values(), text_key, dim)
     torchrun.barrier(world)  # every rank has read the same cache before any rank writes to it
     if not todo:
         log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
     else:
-        log(f"embeddings: {len(texts) - n_missing} cached, computing {len(todo)} with {spec.model} on "
-            f"{device} in {spec.dtype}" + (f", {world} processes" if world > 1 else ""))
+        log(f"embeddings: {len(texts) - n_missing} cached, computing {len(todo)} with {spec.model} "
+            f"on {device} in {spec.dtype}" + (f", {world} processes" if world > 1 else ""))
         say_size(len(todo), len(texts), len(caches), dim, run.cache_dir, model_bytes, log)
         log(why)
-        embedder = Qwen3Embedder.load(folder, config, device, runtime.DTYPES[spec.dtype], spec.weights,
-                                      run.compile, spec.model)
-        found = compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches, spec,
-                        run, lambda bad: [ids[i] if ids else i for i, t in enumerate(texts) if t in bad], log)
+        embedder = Qwen3Embedder.load(folder, config, device, runtime.DTYPES[spec.dtype],
+                                      spec.weights, run.compile, spec.model)
+        found = compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches,
+                        spec, run, lambda bad: [ids[i] if ids else i for i, t in enumerate(texts)
+                                                if t in bad], log)
         for cache in caches.values() if found else ():
             cache.note({"fidelity": found})
         del embedder  # the model's memory is free before anything reads the vectors
@@ -173,7 +181,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
         return None
     compact(caches.values(), dim, log)
     return {(p, layer): Vectors(caches[p, k], text_key, dim, replace(spec, pooling=p, layer=layer))
-            for p in poolings or [spec.pooling] for layer, k in zip(layers, keys)}
+            for p in poolings for layer, k in zip(layers, keys)}
 
 
 def decide(spec, run, folder, config, device, keys):
@@ -187,7 +195,8 @@ def decide(spec, run, folder, config, device, keys):
                                                                any(k is not None for k in keys))
     fmt, why = weights.choose_format(spec.weights, tensors, config, dtype, budget,
                                      runtime.memory_budget(device, run.max_memory))
-    held = weights.weight_bytes(tensors, fmt, dtype) + weights.batch_room(config, tensors, dtype, budget)
+    held = (weights.weight_bytes(tensors, fmt, dtype)
+            + weights.batch_room(config, tensors, dtype, budget))
     return replace(spec, dtype=runtime.dtype_name(dtype), weights=fmt), why, held
 
 
@@ -207,15 +216,16 @@ def missing(caches, text_key, dim):
 def say_size(n_todo, n_texts, n_specs, dim, cache_dir, model_bytes, log):
     """One line on what the run will write and hold, before any work; a disk that cannot take it
     is a one-line error."""
-    disk, pending = n_todo * n_specs * (dim * 4 + 32), min(PENDING_BYTES, n_todo * n_specs * dim * 4)
+    disk = n_todo * n_specs * (dim * 4 + 32)
+    pending = min(PENDING_BYTES, n_todo * n_specs * dim * 4)
     where = Path(cache_dir).absolute()
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free
     shape = f"{n_todo} texts x {n_specs} (pooling, layer) x {dim} x 4 B"
     if disk > free:
-        raise ValueError(f"--cache-dir {cache_dir}: the vectors need {size(disk)} ({shape}) and the "
-                         f"disk has {size(free)} free")
+        raise ValueError(f"--cache-dir {cache_dir}: the vectors need {size(disk)} ({shape}) and "
+                         f"the disk has {size(free)} free")
     log(f"cache: {shape} = {size(disk)} on disk; memory while embedding about "
         f"{(model_bytes + pending) / runtime.GB:.1f} GB (the model and a batch, "
         f"{pending / runtime.GB:.2f} GB of vectors before each write); after it, "
@@ -234,8 +244,10 @@ def compute(embedder, texts, keys, caches, spec, run, rows_of, log):
     int8 or int4 weights (else None)."""
     rank, world = torchrun.rank_and_world()
     dim = spec.dim or embedder.dim
-    tokens = embedder.tokenize(texts, spec.instruction, spec.max_length, spec.eos)  # shares, batches
-    mine = torchrun.balance([len(t) for t in tokens], world)[rank] if world > 1 else range(len(texts))
+    tokens = embedder.tokenize(texts, spec.instruction, spec.max_length, spec.eos)  # once, for all
+    mine = range(len(texts))
+    if world > 1:
+        mine = torchrun.balance([len(t) for t in tokens], world)[rank]
     rows = torch.tensor([list(keys[j]) for j in mine], dtype=torch.uint8).reshape(-1, 32)
     writer = ChunkWriter(caches, rows, dim, run.chunk_size, run.chunk_seconds)
     sample = fidelity_sample(len(mine), run.fidelity_texts * (spec.weights != "none"))
@@ -243,19 +255,22 @@ def compute(embedder, texts, keys, caches, spec, run, rows_of, log):
     t0 = time.time()
     with tqdm(total=len(mine), desc="embedding", unit="text", disable=not run.progress) as bar:
         with saved_on_error(writer, texts, mine, rows_of, len(caches) * dim):
-            for batch, vectors in embedder.stream([tokens[j] for j in mine], list(caches), spec.dim, True,
-                                                  run.batch_size, run.max_batch_tokens, log=bar.write):
+            for batch, vectors in embedder.stream([tokens[j] for j in mine], list(caches), spec.dim,
+                                                  True, run.batch_size, run.max_batch_tokens,
+                                                  log=bar.write):
                 writer.add(batch, vectors)
                 kept.update({i: vectors[first][j] for j, i in enumerate(batch) if i in wanted})
                 bar.update(len(batch))
     if world > 1:
-        every = torchrun.gather((rank, len(mine), sum(len(tokens[j]) for j in mine), time.time() - t0), world)
+        mine_tokens = sum(len(tokens[j]) for j in mine)
+        every = torchrun.gather((rank, len(mine), mine_tokens, time.time() - t0), world)
         for r, n_texts, n_tokens, seconds in every:
             log(f"rank {r}: {n_texts} texts, {n_tokens} tokens, {seconds:.1f}s")
     if not sample:
         return None
-    return measure_fidelity(embedder, [texts[mine[i]] for i in sample], replace(spec, pooling=first[0],
-                            layer=first[1]), log, torch.stack([kept[i] for i in sample]))
+    return measure_fidelity(embedder, [texts[mine[i]] for i in sample],
+                            replace(spec, pooling=first[0], layer=first[1]), log,
+                            torch.stack([kept[i] for i in sample]))
 
 
 @contextlib.contextmanager
@@ -269,24 +284,27 @@ def saved_on_error(writer, texts, mine, rows_of, row_floats):
         writer.flush()
         rows = rows_of({texts[mine[i]] for i in e.indices})
         raise FloatingPointError(f"NaN or Inf in the vectors of rows {rows[:20]}"
-                                 f"{' ...' if len(rows) > 20 else ''}; nothing of them was cached") from None
+                                 f"{' ...' if len(rows) > 20 else ''}; nothing of them was "
+                                 f"cached") from None
     except TextTooLongError as e:
         writer.flush()
-        raise MemoryError(f"row {rows_of({texts[mine[e.index]]})[0]}: its {e.tokens} tokens do not fit in "
-                          f"GPU memory even alone; the {writer.saved} vectors computed so far are cached; "
-                          f"lower --max-length") from None
+        raise MemoryError(f"row {rows_of({texts[mine[e.index]]})[0]}: its {e.tokens} tokens do not "
+                          f"fit in GPU memory even alone; the {writer.saved} vectors computed so "
+                          f"far are cached; lower --max-length") from None
     except DiskFullError as e:
         left = len(mine) - writer.saved
-        raise DiskFullError(f"{e}. {writer.saved} of the {len(mine)} vectors to compute are cached; the "
-                            f"other {left} need {left * (row_floats * 4 + 32) / 1e6:.1f} MB more: free "
-                            f"that much and run again to resume") from None
+        need = left * (row_floats * 4 + 32) / 1e6
+        raise DiskFullError(f"{e}. {writer.saved} of the {len(mine)} vectors to compute are "
+                            f"cached; the other {left} need {need:.1f} MB more: free that much and "
+                            f"run again to resume") from None
     finally:
         with contextlib.suppress(DiskFullError):
             writer.flush()
 
 
 def compact(caches, dim, log):
-    """Merge each cache's chunk files once there are many (Cache.compact); on a full disk, keep them."""
+    """Merge each cache's chunk files once there are many (Cache.compact); on a full disk, keep
+    them."""
     for cache in caches:
         try:
             cache.compact(dim)
@@ -294,7 +312,7 @@ def compact(caches, dim, log):
             log(f"warning: {e}; the cache keeps its chunk files (merged by a later run)")
 
 
-# ----------------------------------------------------------------------------- fidelity of quantized weights
+# -------------------------------------------------------------------- fidelity of quantized weights
 
 def fidelity_sample(n_texts, n, seed=0):
     """The indices of the texts a run measures its quantized vectors on: a seeded sample."""
@@ -322,15 +340,17 @@ def measure_fidelity(embedder, texts, spec, log, vectors=None):
     reference = reference_vectors(embedder, texts, spec.instruction, spec.max_length, spec.pooling,
                                   spec.layer, spec.dim, spec.eos)
     cos = (vectors * reference).sum(-1)
-    found = {"format": embedder.weight_format, "texts": len(texts), "min": round(cos.min().item(), 5),
-             "mean": round(cos.mean().item(), 5), "seconds": round(time.time() - t0, 1)}
+    found = {"format": embedder.weight_format, "texts": len(texts),
+             "min": round(cos.min().item(), 5), "mean": round(cos.mean().item(), 5),
+             "seconds": round(time.time() - t0, 1)}
     log(f"{found['format']} vs as shipped on {found['texts']} of these texts: cosine min "
         f"{found['min']:.4f}, mean {found['mean']:.4f} (reference read one layer at a time, "
         f"{found['seconds']:.0f} s)")
     if found["min"] < FIDELITY_WARN:
         wider = "int8" if found["format"] == "int4" else "none"
         log(f"warning: {found['format']} moves some vectors by more than cosine {FIDELITY_WARN}: "
-            f"--quantize {wider} keeps them closer, if memory allows (--max-memory, a larger machine)")
+            f"--quantize {wider} keeps them closer, if memory allows (--max-memory, a larger "
+            f"machine)")
     return found
 
 
@@ -352,8 +372,8 @@ def checkpoint_identity(folder):
 
 
 def text_keys(texts):
-    return torch.tensor([list(hashlib.sha256(t.encode("utf-8", "surrogatepass")).digest()) for t in texts],
-                        dtype=torch.uint8).reshape(len(texts), 32)
+    digests = [hashlib.sha256(t.encode("utf-8", "surrogatepass")).digest() for t in texts]
+    return torch.tensor([list(d) for d in digests], dtype=torch.uint8).reshape(len(texts), 32)
 
 
 def runs(indices):
@@ -372,12 +392,13 @@ class Cache:
 
     def __init__(self, cache_dir, spec):
         self.spec = spec
-        self.dir = Path(cache_dir) / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        self.dir = Path(cache_dir) / digest[:20]
 
     def files(self):
         """The chunk files, listed again until no new one appears: a chunk that another run merged
         away while we looked is skipped (read() returns None), and the merged file read instead."""
-        for tmp in self.dir.glob(".chunk-*"):  # a chunk half-written by a run killed an hour ago or more
+        for tmp in self.dir.glob(".chunk-*"):  # half-written by a run killed an hour ago or more
             if time.time() - tmp.stat().st_mtime > 3600:
                 shutil.rmtree(tmp, ignore_errors=True)
         seen = set()
@@ -429,13 +450,14 @@ class Cache:
             hits = {j: want.pop(k) for j, k in enumerate(self.read(file, dim) or ()) if k in want}
             self.read_rows(file, hits, out)
         if want:
-            raise FileNotFoundError(f"{self.dir}: {len(want)} vectors vanished from the cache while reading "
-                                    f"(another run deleting its files?); run again")
+            raise FileNotFoundError(f"{self.dir}: {len(want)} vectors vanished from the cache "
+                                    f"while reading (another run deleting its files?); run again")
         return out
 
     def read_rows(self, file, hits, out, rows_per_read=4096):
-        """out[rows] = row j of the chunk's vectors, for each j: rows in hits, by runs of consecutive
-        chunk rows, at most rows_per_read at a time (so a merged file is never read whole at once)."""
+        """out[rows] = row j of the chunk's vectors, for each j: rows in hits, by runs of
+        consecutive chunk rows, at most rows_per_read at a time (a merged file is never read whole
+        at once)."""
         with safe_open(file, framework="pt") as f:
             vectors = f.get_slice("vectors")
             for a, b in runs(sorted(hits)):
@@ -443,14 +465,15 @@ class Cache:
                     block = vectors[start:min(b, start + rows_per_read)]
                     if not torch.isfinite(block).all():
                         self.corrupt(file, " (NaN or Inf)")
-                        raise FloatingPointError(f"{file}: NaN or Inf in a cache chunk; deleted, run again to "
-                                                 f"recompute its texts")
+                        raise FloatingPointError(f"{file}: NaN or Inf in a cache chunk; deleted, "
+                                                 f"run again to recompute its texts")
                     src = [j - start for j in range(start, start + len(block)) for _ in hits[j]]
                     dst = [i for j in range(start, start + len(block)) for i in hits[j]]
                     out[dst] = block[src]
 
     def info(self):
-        """spec.json as written: the spec, and what was measured beside it (not hashed: fidelity)."""
+        """spec.json as written: the spec, and what was measured beside it (fidelity, not
+        hashed)."""
         try:
             return json.loads((self.dir / "spec.json").read_text())
         except (OSError, ValueError):
@@ -490,7 +513,8 @@ class Cache:
                 read.append(file)
         keys = list(dict.fromkeys(keys))  # each text once
         merged = self.load(keys, dim)
-        path = self.save(torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(len(keys), 32), merged)
+        rows = torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(len(keys), 32)
+        path = self.save(rows, merged)
         for file in read:
             if file != path:
                 file.unlink(missing_ok=True)
@@ -505,7 +529,8 @@ class Vectors:
 
     def load(self, rows=None):
         """(len(rows), D) float32 for the given row indices (None: every text), read from disk."""
-        return self.cache.load(self.keys if rows is None else [self.keys[i] for i in rows], self.dim)
+        keys = self.keys if rows is None else [self.keys[i] for i in rows]
+        return self.cache.load(keys, self.dim)
 
 
 class ChunkWriter:

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 import cli
 import embed_cache
 from embed_cache import EmbedSpec
-from data import DiskFullError, add_answer_is_correct, atomic_path, check_ids, labels_of, read_csv, render, require_columns, template_fields
+from data import (DiskFullError, add_answer_is_correct, atomic_path, check_ids, labels_of, read_csv,
+                  render, require_columns, template_fields)
 from lora import add_lora, load_adapters, merge_lora
 from mlp_head import load_checkpoint, map_at_k, predict_proba, top_k
 from qwen_embed import Qwen3Embedder
@@ -37,15 +38,17 @@ def embedding_dtype(args, spec):
     head was trained on; one line where this run computes in another one."""
     device = pick_device(args.device)
     trained, dtype = spec.get("dtype"), args.dtype or spec.get("dtype")
+    here = dtype_name(default_dtype(device))
     if dtype is None:  # a checkpoint from before dtypes were recorded
-        dtype = dtype_name(default_dtype(device))
-        print(f"the checkpoint does not record its dtype: computing in {dtype}, this device's default")
+        dtype = here
+        print(f"the checkpoint does not record its dtype: computing in {dtype}, this device's "
+              f"default")
     elif trained and dtype != trained:
-        print(f"computing in {dtype} (--dtype), the head was trained on {trained} vectors: they differ by rounding")
-    elif dtype_name(default_dtype(device)) != dtype:
-        print(f"computing in {dtype} as in training, though {device.type}'s default here is "
-              f"{dtype_name(default_dtype(device))} (--dtype {dtype_name(default_dtype(device))} is faster, "
-              f"its vectors differ by rounding)")
+        print(f"computing in {dtype} (--dtype), the head was trained on {trained} vectors: they "
+              f"differ by rounding")
+    elif here != dtype:
+        print(f"computing in {dtype} as in training, though {device.type}'s default here is {here} "
+              f"(--dtype {here} is faster, its vectors differ by rounding)")
     return dtype
 
 
@@ -63,22 +66,26 @@ def lora_vectors(args, spec, lora, texts):
         raise FileNotFoundError(f"{file}: missing from the checkpoint")
     load_adapters(embedder.model, load_file(file), file)
     kept = merge_lora(embedder.model)
-    print(f"LoRA checkpoint (rank {lora['rank']}): adapters {'kept apart, on a stored base' if kept else 'merged'} "
-          f"in {spec.model}; vectors are not cached")
-    return embedder.encode(texts, spec.instruction, batch_size=args.batch_size, max_length=spec.max_length,
-                           dim=spec.dim, pooling=spec.pooling, max_batch_tokens=args.max_batch_tokens,
-                           progress=not args.quiet, append_eos=spec.eos)
+    how = "kept apart, on a stored base" if kept else "merged"
+    print(f"LoRA checkpoint (rank {lora['rank']}): adapters {how} in {spec.model}; vectors are not "
+          f"cached")
+    return embedder.encode(texts, spec.instruction, batch_size=args.batch_size,
+                           max_length=spec.max_length, dim=spec.dim, pooling=spec.pooling,
+                           max_batch_tokens=args.max_batch_tokens, progress=not args.quiet,
+                           append_eos=spec.eos)
 
 
 def load_texts(args, spec):
     """The CSV's rows, checked against the checkpoint's spec, and their texts."""
     columns, rows = read_csv(args.data)
     require_columns(args.data, columns, [spec["id_col"]], "the checkpoint's id column")
-    if spec.get("correct_answers") is not None:  # trained with --map-correct: the answers it learned
-        require_columns(args.data, columns, ["QuestionId", "MC_Answer"], "the checkpoint's --map-correct")
+    if spec.get("correct_answers") is not None:  # trained with --map-correct: the answers it saw
+        require_columns(args.data, columns, ["QuestionId", "MC_Answer"],
+                        "the checkpoint's --map-correct")
         add_answer_is_correct(rows, spec["correct_answers"])
         columns = columns + ["AnswerIsCorrect"]
-    require_columns(args.data, columns, template_fields(spec["text_template"]), "the checkpoint's --text-template")
+    require_columns(args.data, columns, template_fields(spec["text_template"]),
+                    "the checkpoint's --text-template")
     check_ids(args.data, rows, spec["id_col"])
     return columns, rows, render(spec["text_template"], rows)
 
@@ -108,15 +115,17 @@ def main(args):
         unseen = len({y for y in truth} - set(labels))
         result["map3"] = map_at_k(truth, predictions)
         result["accuracy"] = sum(p[0] == y for p, y in zip(predictions, truth)) / len(truth)
-        print(f"MAP@3: {result['map3']:.4f}  top-1 accuracy: {result['accuracy']:.4f}  ({len(truth)} rows"
+        print(f"MAP@3: {result['map3']:.4f}  top-1 accuracy: {result['accuracy']:.4f}  "
+              f"({len(truth)} rows"
               + (f"; {unseen} labels never seen in training count as misses)" if unseen else ")"))
     if args.out:
         try:
             write_submission(args.out, ids, predictions, saved["id_col"], saved["label_cols"])
         except DiskFullError as e:
+            need = sum(len(str(i)) + sum(map(len, p)) + 4 for i, p in zip(ids, predictions))
             raise DiskFullError(f"--out {args.out}: {e}; the submission needs about "
-                                f"{sum(len(str(i)) + sum(map(len, p)) + 4 for i, p in zip(ids, predictions)) / 1e6:.1f} MB "
-                                f"(the vectors are cached: a rerun only predicts)") from None
+                                f"{need / 1e6:.1f} MB (the vectors are cached: a rerun only "
+                                f"predicts)") from None
         print(f"wrote {args.out} ({len(ids)} rows)")
     return result
 
@@ -125,12 +134,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a folder written by train.py --out")
-    p.add_argument("--data", required=True, help="CSV to predict; scored when it has the label columns")
-    p.add_argument("--out", default=None, help="write a submission CSV here (id, three space-separated labels); "
-                   "None: none is written")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="compute dtype; None: the "
-                   "checkpoint's, so that the vectors are the ones its head was trained on")
-    p.add_argument("--head-device", default=None, help="where the heads predict; None: the embedding device")
+    p.add_argument("--data", required=True,
+                   help="CSV to predict; scored when it has the label columns")
+    p.add_argument("--out", default=None, help="write a submission CSV here (id, three "
+                   "space-separated labels); None: none is written")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="compute dtype; None: the checkpoint's, so that the vectors are the ones "
+                   "its head was trained on")
+    p.add_argument("--head-device", default=None,
+                   help="where the heads predict; None: the embedding device")
     cli.add_flags(p, quantize_default=None)
     return p.parse_args(argv)
 

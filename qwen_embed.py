@@ -229,11 +229,13 @@ class Qwen3Model(nn.Module):
 def pool(h, lengths, pooling, dim=None, normalize=True):
     """Hidden states to one vector per text. h: (N, hidden) packed; lengths: (B,) on the host ->
     (B, dim or hidden) float32. "last": the last real token (EOS, unless append_eos=False), found
-    from the lengths: never search for the pad id, which in Qwen3 is the EOS id. "mean": every token."""
+    from the lengths: never search for the pad id, which in Qwen3 is the EOS id. "mean": every
+    token."""
     if pooling == "last":
         v = h[(lengths.cumsum(0) - 1).to(h.device)].float()                         # (B, hidden)
     else:
-        seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(h.device)  # (N,) which text
+        seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)       # (N,) which text
+        seq = seq.to(h.device)
         v = torch.zeros(len(lengths), h.shape[1], device=h.device).index_add_(0, seq, h.float())
         v = v / lengths.to(h.device)[:, None]                                        # (B, hidden)
     v = v[:, :dim] if dim else v  # Matryoshka: the first dim features
@@ -259,16 +261,20 @@ class NonFiniteError(FloatingPointError):
     """Vectors with NaN or Inf; .indices says which texts. Never silently returned."""
 
     def __init__(self, indices):
-        super().__init__(f"NaN or Inf in the vectors of texts {indices[:20]}{' ...' if len(indices) > 20 else ''}")
+        more = " ..." if len(indices) > 20 else ""
+        super().__init__(f"NaN or Inf in the vectors of texts {indices[:20]}{more}")
         self.indices = indices
 
 
 # ----------------------------------------------------------------------------- loading
 
 def weight_files(folder):
-    """The safetensors files of a checkpoint folder: model.safetensors, or a sharded index's files."""
+    """The safetensors files of a checkpoint folder: model.safetensors, or a sharded index's
+    files."""
     index = folder / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    names = ["model.safetensors"]
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     for name in names:
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder / name}: weights file missing")
@@ -310,38 +316,47 @@ def load_weights(model, folder, device, dtype, fmt="none", prefix=""):
                     ours = ours.removeprefix(prefix)
                     shape = tuple(f.get_slice(key).get_shape())
                     if ours in expected and shape != tuple(expected[ours]):
-                        raise ValueError(f"{file}: {key} has shape {shape}, config.json implies {tuple(expected[ours])}")
-                    stored[ours] = weights.read_stored(f, key, fmt, dtype, device, file, offsets[key])
+                        raise ValueError(f"{file}: {key} has shape {shape}, config.json implies "
+                                         f"{tuple(expected[ours])}")
+                    stored[ours] = weights.read_stored(f, key, fmt, dtype, device, file,
+                                                       offsets[key])
         except SafetensorError as e:
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    missing = sorted(expected.keys() - stored.keys())
+    unexpected = sorted(stored.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not fit config.json: "
-                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), "
-                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+        raise ValueError(f"{folder}: checkpoint does not fit config.json: missing {few(missing)}, "
+                         f"unexpected {few(unexpected)}")
     weights.apply_format(model, stored, dtype)
-    state = {key.removesuffix("weight") + name: t for key, tensors in stored.items() for name, t in tensors.items()}
+    state = {key.removesuffix("weight") + name: t
+             for key, tensors in stored.items() for name, t in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def few(names):
+    """A list for an error message: its first five, and how many in all."""
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''} ({len(names)})"
 
 
 @torch.inference_mode()
 def streamed_states(folder, config, ids, device, dtype, layer=None, max_tokens=2048):
-    """The hidden states of tokenized texts with the weights as shipped, read from the checkpoint one
-    block at a time (a block in memory, then dropped): the reference a quantized model is measured
-    against, wherever the quantized model itself fits. ids: token ids per text; layer: as in
-    Qwen3Model (None: the final normed output, else the residual stream after that many blocks).
-    Returns (N, hidden), the texts' tokens concatenated. Every text passes a block before the next
-    block is read, in runs of consecutive texts of at most max_tokens tokens."""
-    embed = next(((file, key) for file in weight_files(Path(folder)) for key in weights.read_header(file)
-                  if our_key(key) == "embed_tokens.weight"), None)
+    """The hidden states of tokenized texts with the weights as shipped, read from the checkpoint
+    one block at a time (a block in memory, then dropped): the reference a quantized model is
+    measured against, wherever the quantized model itself fits. ids: token ids per text; layer: as
+    in Qwen3Model (None: the final normed output, else the residual stream after that many
+    blocks). Returns (N, hidden), the texts' tokens concatenated. Every text passes a block before
+    the next block is read, in runs of consecutive texts of at most max_tokens tokens."""
+    embed = next(((file, key) for file in weight_files(Path(folder)) for key in
+                  weights.read_header(file) if our_key(key) == "embed_tokens.weight"), None)
     if embed is None:
         raise ValueError(f"{folder}: no embed_tokens.weight in the checkpoint")
     file, key = embed
-    (shape, source), offset = weights.read_header(file)[key], weights.read_header(file, offsets=True)[key]
+    shape, source = weights.read_header(file)[key]
+    offset = weights.read_header(file, offsets=True)[key]
     runs = []  # [ids, pack, cos, sin, hidden states] of each run of texts
     for chunk in plan_batches([len(i) for i in ids], max_tokens, ordered=True):
         flat = [t for i in chunk for t in ids[i]]
-        x = weights.read_lookup(file, offset, shape, source, flat).to(device, dtype)  # the rows looked up
+        x = weights.read_lookup(file, offset, shape, source, flat).to(device, dtype)  # looked up
         pack = Packing([len(ids[i]) for i in chunk], device)
         runs.append([pack, *rope(pack.positions, config.head_dim, config.rope_theta, dtype), x])
     for i in range(config.num_hidden_layers if layer is None else layer):
@@ -389,20 +404,22 @@ def tokenize(tokenizer, texts, instruction=None, max_length=8192, append_eos=Tru
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a list of strings")
     if max_length < 1 + append_eos:
-        raise ValueError(f"max_length must be >= {1 + append_eos} (one text token{' and EOS' * append_eos}), "
+        raise ValueError(f"max_length must be >= {1 + append_eos} (one text token"
+                         f"{' and EOS' * append_eos}), "
                          f"got {max_length}")
     if instruction is not None:  # exactly the official Qwen3-Embedding query format
         texts = [f"Instruct: {instruction}\nQuery:{t}" for t in texts]
     try:
         encoded = tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    except TypeError:  # the only str the tokenizer rejects: a lone surrogate, not valid Unicode text
+    except TypeError:  # the only str the tokenizer rejects: a lone surrogate, not valid Unicode
         bad = [i for i, t in enumerate(texts) if not t.encode("utf-8", "ignore").decode() == t]
         raise ValueError(f"texts {bad[:20]} are not valid Unicode (lone surrogates)") from None
     if append_eos:
         return [e.ids[: max_length - 1] + [tokenizer.token_to_id(EOS)] for e in encoded]
     empty = [i for i, e in enumerate(encoded) if not e.ids]
     if empty:
-        raise ValueError(f"texts {empty[:20]} are empty: without EOS (--no-eos) an empty text has no token to embed")
+        raise ValueError(f"texts {empty[:20]} are empty: without EOS (--no-eos) an empty text has "
+                         f"no token to embed")
     return [e.ids[:max_length] for e in encoded]
 
 
@@ -413,7 +430,8 @@ def layer_keys(config, layers, dim=None):
     n, hidden = config.num_hidden_layers, config.hidden_size
     bad = [layer for layer in layers if layer is not None and not -n - 1 <= layer <= n]
     if bad:
-        raise ValueError(f"--layer must be between {-n - 1} and {n} for this {n}-layer model, got {bad[0]}")
+        raise ValueError(f"--layer must be between {-n - 1} and {n} for this {n}-layer model, "
+                         f"got {bad[0]}")
     if dim is not None and not 1 <= dim <= hidden:
         raise ValueError(f"--dim must be between 1 and the model's hidden size {hidden}, got {dim}")
     return [None if layer is None else layer % (n + 1) for layer in layers]
@@ -423,7 +441,7 @@ def check_encode(keys, batch_size, max_batch_tokens):
     """One-line errors for the encode arguments that layer_keys does not check."""
     if any(pooling not in ("last", "mean") for pooling, _ in keys):
         raise ValueError(f"pooling must be 'last' or 'mean', got {sorted({p for p, _ in keys})}")
-    if (batch_size is not None and batch_size < 1) or (max_batch_tokens is not None and max_batch_tokens < 1):
+    if any(limit is not None and limit < 1 for limit in (batch_size, max_batch_tokens)):
         raise ValueError("batch_size and max_batch_tokens must be positive")
 
 
@@ -431,12 +449,16 @@ def check_encode(keys, batch_size, max_batch_tokens):
 
 
 
+def silent(*_):  # the log of a caller that wants no lines
+    pass
+
+
 class Qwen3Embedder:
     def __init__(self, model, tokenizer, device, dtype, name="", compile=None, weight_format="none",
                  folder=None):
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
         self.name, self.weight_format, self.folder = name, weight_format, folder
-        self.fast = runtime.FastPaths(device, dtype, compile)  # decided once: varlen, compile by job size
+        self.fast = runtime.FastPaths(device, dtype, compile)  # varlen, compile: decided once
         self.eos_id = tokenizer.token_to_id(EOS)
         if self.eos_id is None:
             raise ValueError(f"{name}: tokenizer.json has no {EOS} token")
@@ -455,7 +477,7 @@ class Qwen3Embedder:
         fmt, why = weights.choose_format(quantize, checkpoint_tensors(folder), config, dtype,
                                          runtime.room_batch_tokens(config, device, dtype),
                                          runtime.memory_budget(device, max_memory))
-        (log or (lambda *_: None))(why)
+        (log or silent)(why)
         return cls.load(folder, config, device, dtype, fmt, compile, str(name_or_path))
 
     @classmethod
@@ -466,8 +488,8 @@ class Qwen3Embedder:
             model = Qwen3Model(config)
         with runtime.compact_heap():
             load_weights(model, folder, device, dtype, fmt)
-        return cls(model.eval(), load_tokenizer(folder), device, dtype, name or str(folder), compile,
-                   fmt, folder)
+        return cls(model.eval(), load_tokenizer(folder), device, dtype, name or str(folder),
+                   compile, fmt, folder)
 
     dim = property(lambda self: self.model.config.hidden_size)
     compiled = property(lambda self: self.fast.compiled)
@@ -494,12 +516,12 @@ class Qwen3Embedder:
         keys = [(pooling, layer) for layer in stored]
         out = {key: torch.empty(len(texts), dim or self.dim) for key in keys}
         with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
-            for batch, vectors in self.stream(ids, keys, dim, normalize, batch_size, max_batch_tokens,
-                                              tqdm.write if progress else None):
+            for batch, vectors in self.stream(ids, keys, dim, normalize, batch_size,
+                                              max_batch_tokens, tqdm.write if progress else None):
                 for key in keys:
                     out[key][batch] = vectors[key]
                 bar.update(len(batch))
-        return out[keys[0]] if layers is None else {layer: out[key] for layer, key in zip(layers, keys)}
+        return out[keys[0]] if layers is None else {i: out[k] for i, k in zip(layers, keys)}
 
     def stream(self, ids, keys, dim=None, normalize=True, batch_size=None, max_batch_tokens=None,
                log=None):
@@ -509,31 +531,31 @@ class Qwen3Embedder:
         runtime.run_batches runs the batches (out-of-memory halving, fast-path fallback)."""
         check_encode(keys, batch_size, max_batch_tokens)
         layer_keys(self.model.config, [layer for _, layer in keys], dim)
-        return self.batches(ids, keys, dim, normalize, batch_size, max_batch_tokens, log or (lambda *_: None))
+        return self.batches(ids, keys, dim, normalize, batch_size, max_batch_tokens, log or silent)
 
     @torch.inference_mode()
     def batches(self, ids, keys, dim, normalize, batch_size, max_batch_tokens, log):
         need_layers = any(layer is not None for _, layer in keys)
-        self.fast.maybe_compile(self.model, sum(len(i) for i in ids), log)  # at the call site, said once
+        self.fast.maybe_compile(self.model, sum(len(i) for i in ids), log)  # here, said once
         budget = max_batch_tokens or runtime.default_batch_tokens(self.model.config, self.device,
                                                                   self.dtype, need_layers)
         for batch, states in runtime.run_batches(self.model, ids, budget, batch_size, need_layers,
                                                  self.device, self.fast, log):
-            yield batch, pool_keys(states, [len(ids[i]) for i in batch], batch, keys, dim, normalize)
+            lengths = [len(ids[i]) for i in batch]
+            yield batch, pool_keys(states, lengths, batch, keys, dim, normalize)
 
     def fidelity(self, texts, instruction=None, max_length=8192, pooling="last", layer=None,
                  append_eos=True):
         """Per-text cosine between this model's vectors and those of the weights as shipped
-        (reference_vectors): what quantization costs on these texts. A (len(texts),) float32
-        tensor; ones as shipped."""
-        ours = self.encode(texts, instruction, max_length=max_length, pooling=pooling, progress=False,
-                           layers=[layer], append_eos=append_eos)[layer]
+        (reference_vectors): what quantization costs on these texts; ones as shipped."""
+        ours = self.encode(texts, instruction, max_length=max_length, pooling=pooling,
+                           progress=False, layers=[layer], append_eos=append_eos)[layer]
         return (ours * reference_vectors(self, texts, instruction, max_length, pooling, layer, None,
                                          append_eos)).sum(-1)
 
 
-def reference_vectors(embedder, texts, instruction=None, max_length=8192, pooling="last", layer=None, dim=None,
-                      append_eos=True):
+def reference_vectors(embedder, texts, instruction=None, max_length=8192, pooling="last",
+                      layer=None, dim=None, append_eos=True):
     """What embedder.encode would return with the weights as shipped (L2-normed), computed with them
     streamed from the checkpoint one block at a time (streamed_states), in the embedder's compute
     dtype: the yardstick of a quantized model, at the memory of one block more."""

@@ -21,13 +21,15 @@ def distributed(device):
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device.type == "cuda":
-            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
-            if per_node > gpus:  # before any work, rather than "invalid device ordinal" from deep inside
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            gpus = torch.cuda.device_count()
+            if per_node > gpus:  # before any work, not "invalid device ordinal" from deep inside
                 raise ValueError(f"{per_node} processes on this node but {gpus} GPU(s): use "
                                  f"--nproc_per_node={gpus} or fewer, or --device cpu")
             torch.cuda.set_device(local)
         # Ranks wait for each other at the end of embedding, which can take hours on one slow rank.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(hours=12))
         atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world, torch.device("cuda", local) if device.type == "cuda" else device
 

@@ -1,6 +1,7 @@
-"""Train a 3-layer MLP on frozen Qwen3 vectors: CSV -> texts -> cached embeddings -> head -> checkpoint.
+"""Train a 3-layer MLP on frozen Qwen3 vectors: CSV -> texts -> cached vectors -> head -> checkpoint
 
-    python train.py --data train.csv --model Qwen/Qwen3-Embedding-0.6B --group-col QuestionId --out runs/map
+    python train.py --data train.csv --model Qwen/Qwen3-Embedding-0.6B --group-col QuestionId \
+        --out runs/map
 
 The first run embeds every text (the only expensive step) and caches the vectors; later runs that
 change only head flags (--epochs, --lr, --hidden, ...) read the cache and run no forward pass.
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 import cli
 import embed_cache
 from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, add_answer_is_correct, atomic_path,
-                  check_ids, kfold, labels_of, map_correct_answers, read_csv, render, require_columns,
-                  split, template_fields)
+                  check_ids, kfold, labels_of, map_correct_answers, read_csv, render,
+                  require_columns, split, template_fields)
 from embed_cache import EmbedSpec
 from lora import add_lora, check_lora, checkpoint_blocks
 from mlp_head import ACTIVATIONS, MLPHead, map_at_k, predict_proba, save_checkpoint, top_k
@@ -98,7 +99,8 @@ def check_flags(args):
     if not 0 <= args.val_frac < 1:
         raise ValueError(f"--val-frac must be in [0, 1), got {args.val_frac}")
     if args.folds == 1 or args.folds < 0:
-        raise ValueError(f"--folds must be 0 (one split by --val-frac) or at least 2, got {args.folds}")
+        raise ValueError(f"--folds must be 0 (one split by --val-frac) or at least 2, "
+                         f"got {args.folds}")
     if args.epochs < 1 or args.head_batch_size < 1 or args.sweep < 0:
         raise ValueError("--epochs and --head-batch-size must be positive, --sweep not negative")
     if (args.sweep or args.layer_sweep or args.compare_pooling) and args.folds:
@@ -107,9 +109,10 @@ def check_flags(args):
         config = Path(args.model) / "config.json"
         n_layers = Qwen3Config.from_json(config).num_hidden_layers if config.is_file() else None
         check_lora(n_layers, args.lora_rank, args.lora_targets.split(","), args.lora_layers)
-        if args.sweep or args.folds or args.layer_sweep or args.compare_pooling or args.layer is not None:
-            raise ValueError("--lora-rank trains on one split and the final layer: drop --sweep, --folds, "
-                             "--layer-sweep, --compare-pooling and --layer")
+        if args.sweep or args.folds or args.layer_sweep or args.compare_pooling or \
+                args.layer is not None:
+            raise ValueError("--lora-rank trains on one split and the final layer: drop --sweep, "
+                             "--folds, --layer-sweep, --compare-pooling and --layer")
     return spec, options
 
 
@@ -131,7 +134,8 @@ def load_rows(args):
         require_columns(args.data, columns, [args.group_col], "--group-col")
     template, correct = args.text_template, None
     if args.map_correct:
-        require_columns(args.data, columns, ["QuestionId", "MC_Answer", "Category"], "--map-correct")
+        require_columns(args.data, columns, ["QuestionId", "MC_Answer", "Category"],
+                        "--map-correct")
         correct = map_correct_answers(rows)
         add_answer_is_correct(rows, correct)
         columns = columns + ["AnswerIsCorrect"]
@@ -169,7 +173,8 @@ def split_rows(args, data):
         kfold(data.truth, args.folds, groups, args.seed)
         tr, va = torch.arange(len(y)), torch.tensor([], dtype=torch.long)
     else:
-        tr, va = (torch.tensor(i, dtype=torch.long) for i in split(data.truth, args.val_frac, groups, args.seed))
+        tr, va = (torch.tensor(i, dtype=torch.long)
+                  for i in split(data.truth, args.val_frac, groups, args.seed))
     return Task(labels, y, data.truth, tr, va, groups)
 
 
@@ -185,7 +190,7 @@ def cache_vectors(args, spec, options, data, poolings=None, layers=None):
     return stored
 
 
-# ----------------------------------------------------------------------------- heads on cached vectors
+# ------------------------------------------------------------------------- heads on cached vectors
 
 class Fitted(NamedTuple):
     """What fitting heads gives a run to keep."""
@@ -200,16 +205,18 @@ class Fitted(NamedTuple):
 
 def fit_one(args, x, task):
     with interrupted(lambda: "while training the head"):
-        head, best = train_head(x[task.tr], task.y[task.tr], x[task.va], task.y[task.va], task.labels,
-                                args, tag="")
+        head, best = train_head(x[task.tr], task.y[task.tr], x[task.va], task.y[task.va],
+                                task.labels, args, tag="")
     say_best(args, best, task)
-    return Fitted([head], task.va, best.scores.probs, best_results(best), {"history.csv": best.history})
+    return Fitted([head], task.va, best.scores.probs, best_results(best),
+                  {"history.csv": best.history})
 
 
 def say_best(args, best, task):
     """The run's summary line: the best epoch and its validation figures."""
     if len(task.va):
-        log(f"best epoch {best.epoch}: val MAP@3 {best.scores.map3:.4f}, val acc {best.scores.acc:.4f} "
+        log(f"best epoch {best.epoch}: val MAP@3 {best.scores.map3:.4f}, "
+            f"val acc {best.scores.acc:.4f} "
             f"({len(task.tr)} train / {len(task.va)} val rows"
             f"{', grouped by ' + args.group_col if args.group_col else ''})")
 
@@ -221,8 +228,9 @@ def best_results(best):
 
 def fit_folds(args, x, task):
     results, tables = {}, {"history.csv": [], "folds.csv": []}
-    if task.groups is not None:  # the competition's test asks train's questions: stratified CV mimics it
-        _, _, results["stratified"], tables = cross_validate(args, x, task._replace(groups=None), quiet=True)
+    if task.groups is not None:  # the competition's test asks train's questions: stratified CV too
+        ungrouped = task._replace(groups=None)
+        _, _, results["stratified"], tables = cross_validate(args, x, ungrouped, quiet=True)
     heads, oof, res, mine = cross_validate(args, x, task)
     tables = {name: tables[name] + rows for name, rows in mine.items()}
     return Fitted(heads, torch.arange(len(task.y)), oof, {**results, **res}, tables)
@@ -235,8 +243,11 @@ def cross_validate(args, x, task, quiet=False):
     fold = torch.tensor(kfold(task.truth, args.folds, task.groups, args.seed))
     heads, oof, maps, history, folds = [], torch.zeros(len(task.y), len(task.labels)), [], [], []
     kind = f"grouped by {args.group_col}" if task.groups else "stratified"
-    with interrupted(lambda: f"in fold {len(maps) + 1} of {args.folds}" + (
-            f" (val MAP@3 of the folds done: {', '.join(f'{m:.4f}' for m in maps)})" if maps else "")):
+    def progress():  # for Ctrl-C
+        done = f" (val MAP@3 of the folds done: {', '.join(f'{m:.4f}' for m in maps)})"
+        return f"in fold {len(maps) + 1} of {args.folds}" + (done if maps else "")
+
+    with interrupted(progress):
         for k in range(args.folds):
             tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
             head, best = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels, args,
@@ -246,8 +257,9 @@ def cross_validate(args, x, task, quiet=False):
             maps.append(best.scores.map3)
             history += [{"cv": kind, "fold": k, **row} for row in best.history]
             folds.append({"cv": kind, "fold": k, **best_results(best), "val_rows": len(va)})
-    res = {"fold_map3": maps, "map3_mean": statistics.mean(maps), "map3_std": statistics.stdev(maps),
-           "oof_map3": map_at_k(task.truth, top_k(oof, task.labels)), "cv": kind}
+    res = {"fold_map3": maps, "map3_mean": statistics.mean(maps),
+           "map3_std": statistics.stdev(maps), "cv": kind,
+           "oof_map3": map_at_k(task.truth, top_k(oof, task.labels))}
     log(f"{args.folds}-fold MAP@3 {res['map3_mean']:.4f} ± {res['map3_std']:.4f}, "
         f"out-of-fold MAP@3 {res['oof_map3']:.4f} ({kind})")
     return heads, oof, res, {"history.csv": history, "folds.csv": folds}
@@ -278,13 +290,16 @@ def fit_sweep(args, x, task):
             log(f"trial {trial:3d}: val MAP@3 {trials[-1][0]:.4f}  {json.dumps(config)}  "
                 f"{trials[-1][3]:.1f}s")
     trials.sort(key=lambda t: (-t[0], t[1]))
-    print_table(["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs", "time"],
-                [[r + 1, t, f"{m:.4f}", "x".join(map(str, c["hidden"])), c["dropout"], f"{c['lr']:.2e}",
-                  c["weight_decay"], c["label_smoothing"], c["epochs"], f"{s:.1f}s"]
+    print_table(["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs",
+                 "time"],
+                [[r + 1, t, f"{m:.4f}", "x".join(map(str, c["hidden"])), c["dropout"],
+                  f"{c['lr']:.2e}", c["weight_decay"], c["label_smoothing"], c["epochs"],
+                  f"{s:.1f}s"]
                  for r, (m, t, c, s) in enumerate(trials)])
     trial, config, result, head = best
-    table = [{"rank": r + 1, "trial": t, "val_map3": m, **c, "hidden": "x".join(map(str, c["hidden"])),
-              "seconds": sec} for r, (m, t, c, sec) in enumerate(trials)]
+    table = [{"rank": r + 1, "trial": t, "val_map3": m, **c,
+              "hidden": "x".join(map(str, c["hidden"])), "seconds": sec}
+             for r, (m, t, c, sec) in enumerate(trials)]
     results = {"best_trial": trial, "val_map3": result.scores.map3,
                "sweep": [[t, m, c] for m, t, c, _ in trials]}
     return Fitted([head], va, result.scores.probs, results,
@@ -295,8 +310,8 @@ def sample_head_config(rng):
     """One random head configuration for --sweep."""
     return {"hidden": rng.choice([[256, 128], [512, 256], [1024, 512], [2048, 1024]]),
             "dropout": rng.choice([0.0, 0.1, 0.2, 0.3, 0.5]), "lr": 10 ** rng.uniform(-4, -2.5),
-            "weight_decay": rng.choice([0.0, 1e-4, 1e-2, 0.1]), "label_smoothing": rng.choice([0.0, 0.05, 0.1]),
-            "epochs": rng.choice([10, 20, 30, 50])}
+            "weight_decay": rng.choice([0.0, 1e-4, 1e-2, 0.1]),
+            "label_smoothing": rng.choice([0.0, 0.05, 0.1]), "epochs": rng.choice([10, 20, 30, 50])}
 
 
 # ----------------------------------------------------------------------------- the layer sweep
@@ -304,8 +319,8 @@ def sample_head_config(rng):
 def layer_sweep(args, spec, options, data, task, results):
     """One forward pass pools every layer (and both poolings); then one head per (pooling, layer),
     each trained with only that layer's vectors in memory."""
-    stored = cache_vectors(args, spec, options, data, ["last", "mean"] if args.compare_pooling else None,
-                           "all" if args.layer_sweep else None)
+    poolings = ["last", "mean"] if args.compare_pooling else None
+    stored = cache_vectors(args, spec, options, data, poolings, "all" if args.layer_sweep else None)
     if stored is None:  # a torchrun rank other than 0
         return None
     table, rows, history = [], [], []
@@ -317,12 +332,12 @@ def layer_sweep(args, spec, options, data, task, results):
             _, best = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels, args)
             del x  # one layer's vectors in memory at a time
             name = "final (normed)" if layer is None else str(layer)
-            table.append([pooling, name, f"{best.scores.map3:.4f}", f"{best.scores.acc:.4f}", best.epoch,
-                          f"{time.time() - t0:.1f}s"])
+            table.append([pooling, name, f"{best.scores.map3:.4f}", f"{best.scores.acc:.4f}",
+                          best.epoch, f"{time.time() - t0:.1f}s"])
             rows.append({"pooling": pooling, "layer": "final" if layer is None else layer,
-                         "val_map3": best.scores.map3, "val_acc": best.scores.acc, "best_epoch": best.epoch,
-                         "seconds": time.time() - t0})
-            history += [{"pooling": pooling, "layer": rows[-1]["layer"], **row} for row in best.history]
+                         **best_results(best), "seconds": time.time() - t0})
+            history += [{"pooling": pooling, "layer": rows[-1]["layer"], **row}
+                        for row in best.history]
     scores = [float(r[2]) for r in table]
     print_table(["pooling", "layer", "val MAP@3", "val acc", "best epoch", "time", ""],
                 [r + [score_bar(s, min(scores), max(scores))] for r, s in zip(table, scores)])
@@ -354,24 +369,15 @@ def train_lora(args, spec, texts, task):
     train_loop on the pooled EOS state: each step runs the model on a batch of texts, with
     gradients, instead of reading cached vectors. Returns (Fitted, the spec as the run decided
     it, measure_fidelity's figures on a quantized base or None)."""
-    embedder = Qwen3Embedder.from_pretrained(spec.model, device=args.device, dtype=spec.dtype,
-                                             compile=False, quantize=spec.weights,
-                                             max_memory=args.max_memory, log=log)
-    spec = dataclasses.replace(spec, dtype=dtype_name(embedder.dtype), weights=embedder.weight_format)
-    fidelity = embed_cache.measure_sample(embedder, texts, args.fidelity_texts, spec, log)
+    embedder, spec, lora, fidelity = lora_model(args, spec, texts)
     model, head_device = embedder.model, pick_device(args.head_device or embedder.device)
-    torch.manual_seed(args.seed)  # same seed: same adapters, head, batches, dropout
-    lora = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), args.lora_layers)
-    if args.grad_checkpoint:
-        checkpoint_blocks(model)
     head, group = make_head(spec.dim or embedder.dim, len(task.labels), args, head_device)
     adapters = {"params": list(lora.values()), "lr": args.lora_lr, "peak": args.lora_lr,
                 "weight_decay": 0.0, "name": "lora"}
-    say_lora(args, embedder, lora)
     ids = embedder.tokenize(texts, spec.instruction, spec.max_length, spec.eos)
     tr, va, y = task.tr, task.va, task.y
 
-    def batch_loss(idx):  # the model with gradients on these texts, pooled and L2-normed like the cache's
+    def batch_loss(idx):  # the model with gradients on these texts, pooled and L2-normed as cached
         rows = tr[idx].tolist()
         lengths = torch.tensor([len(ids[i]) for i in rows])
         flat = torch.tensor([t for i in rows for t in ids[i]]).to(embedder.device)
@@ -382,30 +388,47 @@ def train_lora(args, spec, texts, task):
     def validate():
         if not len(va):
             return None
-        x_va = embedder.encode([texts[i] for i in va.tolist()], spec.instruction, max_length=spec.max_length,
-                               dim=spec.dim, pooling=spec.pooling, progress=False, append_eos=spec.eos)
+        x_va = embedder.encode([texts[i] for i in va.tolist()], spec.instruction,
+                               max_length=spec.max_length, dim=spec.dim, pooling=spec.pooling,
+                               progress=False, append_eos=spec.eos)
         return evaluate_head(head, x_va, y[va], task.labels)
 
     def snapshot():
         return {"head": {k: v.clone() for k, v in head.state_dict().items()},
                 "lora": {k: v.detach().clone() for k, v in lora.items()}}
 
-    best = train_loop(head, [group, adapters], len(tr), batch_loss, validate, snapshot, args, tag="")
+    best = train_loop(head, [group, adapters], len(tr), batch_loss, validate, snapshot, args,
+                      tag="")
     head.load_state_dict(best.state["head"])
     say_best(args, best, task)
     lora = {k: v.cpu() for k, v in best.state["lora"].items()}
     results = {**best_results(best), "lora_trainable_params": sum(t.numel() for t in lora.values())}
-    return Fitted([head.cpu().eval()], va, best.scores.probs, results, {"history.csv": best.history},
-                  lora=lora), spec, fidelity
+    fitted = Fitted([head.cpu().eval()], va, best.scores.probs, results,
+                    {"history.csv": best.history}, lora=lora)
+    return fitted, spec, fidelity
 
 
-def say_lora(args, embedder, lora):
-    n_layers = len(embedder.model.layers)
+def lora_model(args, spec, texts):
+    """The embedder with its adapters added (seeded) -> (embedder, the spec with its dtype and
+    weight format as decided, the adapters' tensors, measure_fidelity's figures or None)."""
+    embedder = Qwen3Embedder.from_pretrained(spec.model, device=args.device, dtype=spec.dtype,
+                                             compile=False, quantize=spec.weights,
+                                             max_memory=args.max_memory, log=log)
+    spec = dataclasses.replace(spec, dtype=dtype_name(embedder.dtype),
+                               weights=embedder.weight_format)
+    fidelity = embed_cache.measure_sample(embedder, texts, args.fidelity_texts, spec, log)
+    model = embedder.model
+    torch.manual_seed(args.seed)  # same seed: same adapters, head, batches, dropout
+    lora = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","),
+                    args.lora_layers)
+    if args.grad_checkpoint:
+        checkpoint_blocks(model)
     n_params = sum(math.prod(shape) for shape, _ in checkpoint_tensors(embedder.folder).values())
     log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {args.lora_targets} in the top "
-        f"{args.lora_layers or n_layers} of {n_layers} blocks: "
-        f"{sum(p.numel() for p in lora.values()):,} trainable parameters (the model has {n_params:,}); "
-        "vectors are not cached")
+        f"{args.lora_layers or len(model.layers)} of {len(model.layers)} blocks: "
+        f"{sum(p.numel() for p in lora.values()):,} trainable parameters (the model has "
+        f"{n_params:,}); vectors are not cached")
+    return embedder, spec, lora, fidelity
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -416,7 +439,7 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, tag=None):
     sweeps, which print a table). Returns (head, Best)."""
     device = pick_device(args.head_device or args.device)
     x_tr, y_tr, x_va, y_va = (t.to(device) for t in (x_tr, y_tr, x_va, y_va))
-    torch.manual_seed(args.seed)  # same seed, same init, same batches, same numbers (on the same device)
+    torch.manual_seed(args.seed)  # same seed, same init, same batches, same numbers (same device)
     head, group = make_head(x_tr.shape[1], len(labels), args, device)
 
     def batch_loss(idx):
@@ -431,7 +454,8 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, tag=None):
 
 
 def make_head(in_dim, n_classes, args, device):
-    head = MLPHead(in_dim, n_classes, args.hidden, args.dropout, args.activation, args.input_norm).to(device)
+    head = MLPHead(in_dim, n_classes, args.hidden, args.dropout, args.activation, args.input_norm)
+    head = head.to(device)
     group = {"params": list(head.parameters()), "lr": args.lr, "peak": args.lr,
              "weight_decay": args.weight_decay, "name": "head"}
     return head, group
@@ -464,7 +488,7 @@ def train_loop(head, groups, n_train, batch_loss, validate, snapshot, args, tag=
         t0 = time.time()
         head.train()
         order = torch.randperm(n_train, generator=gen)
-        train_loss = torch.zeros((), device=device)  # summed on the device: no wait for the GPU each step
+        train_loss = torch.zeros((), device=device)  # summed on the device: no wait for the GPU
         for start in range(0, n_train, args.head_batch_size):
             idx = order[start:start + args.head_batch_size]
             for group in opt.param_groups:
@@ -477,21 +501,24 @@ def train_loop(head, groups, n_train, batch_loss, validate, snapshot, args, tag=
             step += 1
         val = validate() or Scores(*[float("nan")] * 3, torch.empty(0, head.hparams["n_classes"]))
         seconds = time.time() - t0
-        history.append({"epoch": epoch, "train_loss": train_loss.item() / n_train, "val_loss": val.loss,
-                        "val_acc": val.acc, "val_map3": val.map3, "seconds": seconds,
-                        **{f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(opt.param_groups)}})
+        lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(opt.param_groups)}
+        history.append({"epoch": epoch, "train_loss": train_loss.item() / n_train,
+                        "val_loss": val.loss, "val_acc": val.acc, "val_map3": val.map3,
+                        "seconds": seconds, **lrs})
         if tag is not None:
             log(epoch_line(tag, history[-1], args.epochs))
-        if best is None or math.isnan(val.map3) or val.map3 > best.scores.map3:  # no validation: the last
+        if best is None or math.isnan(val.map3) or val.map3 > best.scores.map3:  # nan: the last
             best = Best(epoch, val, history, snapshot())
     return best
 
 
 def epoch_line(tag, row, epochs):
     """An epoch's log line, from its history.csv row."""
-    val = (f"val loss {row['val_loss']:.4f}  val acc {row['val_acc']:.4f}  val MAP@3 {row['val_map3']:.4f}  "
-           if not math.isnan(row["val_map3"]) else "")
-    return f"{tag}epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f}  {val}{row['seconds']:.2f}s"
+    val = "" if math.isnan(row["val_map3"]) else (
+        f"val loss {row['val_loss']:.4f}  val acc {row['val_acc']:.4f}  "
+        f"val MAP@3 {row['val_map3']:.4f}  ")
+    return (f"{tag}epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f}  "
+            f"{val}{row['seconds']:.2f}s")
 
 
 def get_lr(step, total_steps, warmup_steps, max_lr):
@@ -543,8 +570,10 @@ def save_run(args, data, labels, fitted, results, embedding):
     table = io.StringIO()
     w = csv.writer(table)
     w.writerow([args.id_col, "label", "top3"] + [f"p_{label}" for label in labels])
-    for i, p, pr in zip(fitted.val_idx.tolist(), top_k(fitted.val_probs, labels), fitted.val_probs.tolist()):
-        w.writerow([data.rows[i][args.id_col], data.truth[i], " ".join(p)] + [f"{v:.5f}" for v in pr])
+    top3, probs = top_k(fitted.val_probs, labels), fitted.val_probs.tolist()
+    for i, p, pr in zip(fitted.val_idx.tolist(), top3, probs):
+        w.writerow([data.rows[i][args.id_col], data.truth[i], " ".join(p)]
+                   + [f"{v:.5f}" for v in pr])
     if fitted.lora:  # the adapters beside the head; evaluate.py applies them to the base model
         results["lora"] = {"rank": args.lora_rank, "alpha": args.lora_alpha,
                            "targets": args.lora_targets.split(","), "layers": args.lora_layers,
@@ -556,17 +585,21 @@ def save_run(args, data, labels, fitted, results, embedding):
         save_checkpoint(args.out, fitted.heads, labels, embedding, results, files=files,
                         tensors={"lora.safetensors": fitted.lora} if fitted.lora else None)
     except DiskFullError as e:
-        tensors = [t for h in fitted.heads for t in h.state_dict().values()] + list((fitted.lora or {}).values())
+        tensors = [t for h in fitted.heads for t in h.state_dict().values()]
+        tensors += list((fitted.lora or {}).values())
         need = sum(t.numel() * t.element_size() for t in tensors) + len(table.getvalue())
-        raise DiskFullError(f"--out {args.out}: {e}; the checkpoint needs about {need / 1e6:.1f} MB" + (
-            "" if fitted.lora else " (the vectors are cached: a rerun goes straight to the head)")) from None
+        rerun = "" if fitted.lora else (" (the vectors are cached: a rerun goes straight to "
+                                        "the head)")
+        raise DiskFullError(f"--out {args.out}: {e}; the checkpoint needs about {need / 1e6:.1f} MB"
+                            f"{rerun}") from None
     log(f"wrote {args.out}/ (meta.json, {len(fitted.heads)} head file(s)"
         f"{', lora.safetensors' if fitted.lora else ''}, args.json, val_predictions.csv, "
         f"{', '.join(fitted.tables)})")
 
 
 def table_csv(rows):
-    """Rows of dicts -> CSV text, the columns in order of first appearance, numbers at full precision."""
+    """Rows of dicts -> CSV text, the columns in order of first appearance, numbers at full
+    precision."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     out = io.StringIO()
     w = csv.DictWriter(out, columns, lineterminator="\n")
@@ -579,7 +612,8 @@ def write_tables(folder, tables, files=None):
     """A folder of CSV tables (and other text files), written whole under a temporary name."""
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        for name, text in {**{n: table_csv(rows) for n, rows in tables.items()}, **(files or {})}.items():
+        texts = {**{name: table_csv(rows) for name, rows in tables.items()}, **(files or {})}
+        for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
 
 
@@ -590,33 +624,44 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="data/example.csv", help="training CSV (header row, UTF-8)")
-    d.add_argument("--text-template", default=MAP_TEMPLATE, help="format string over column names: the text to embed")
-    d.add_argument("--label-cols", default="Category,Misconception", help="comma-separated; the label joins them with ':'")
+    d.add_argument("--text-template", default=MAP_TEMPLATE,
+                   help="format string over column names: the text to embed")
+    d.add_argument("--label-cols", default="Category,Misconception",
+                   help="comma-separated; the label joins them with ':'")
     d.add_argument("--id-col", default="row_id", help="unique row id column")
-    d.add_argument("--group-col", default=None, help="split by this column (e.g. QuestionId): no group in both train and val; "
-                   "None: a split stratified by label")
-    d.add_argument("--val-frac", type=float, default=0.2, help="validation share (0: train on everything)")
-    d.add_argument("--folds", type=int, default=0, help="K-fold cross-validation with K heads saved (0: one split); "
-                   "with --group-col, stratified CV is reported too")
-    d.add_argument("--map-correct", action="store_true", help="MAP format only: add the column AnswerIsCorrect "
-                   "(yes/no: is MC_Answer the answer most chosen by True_ rows of its question?) to the template")
+    d.add_argument("--group-col", default=None, help="split by this column (e.g. QuestionId): no "
+                   "group in both train and val; None: a split stratified by label")
+    d.add_argument("--val-frac", type=float, default=0.2,
+                   help="validation share (0: train on everything)")
+    d.add_argument("--folds", type=int, default=0, help="K-fold cross-validation with K heads "
+                   "saved (0: one split); with --group-col, stratified CV is reported too")
+    d.add_argument("--map-correct", action="store_true", help="MAP format only: add the column "
+                   "AnswerIsCorrect (yes/no: is MC_Answer the answer most chosen by True_ rows of "
+                   "its question?) to the template")
     e = p.add_argument_group("embedding")
-    e.add_argument("--model", default="Qwen/Qwen3-Embedding-0.6B", help="Hub repo id or local checkpoint folder")
-    e.add_argument("--instruction", default=None, help="Qwen3-Embedding instruction ('Instruct: ...\\nQuery:' prefix); "
-                   "None: the text alone")
+    e.add_argument("--model", default="Qwen/Qwen3-Embedding-0.6B",
+                   help="Hub repo id or local checkpoint folder")
+    e.add_argument("--instruction", default=None, help="Qwen3-Embedding instruction ('Instruct: "
+                   "...\\nQuery:' prefix); None: the text alone")
     e.add_argument("--max-length", type=int, default=512, help="tokens per text, EOS included")
-    e.add_argument("--no-eos", action="store_true", help="append no EOS token: pool the text's own last token, as "
-                   "llama.cpp does for a plain Qwen3 LLM (the method's published 0.944 was made so); default: EOS "
-                   "appended, as Qwen3-Embedding was trained")
-    e.add_argument("--dim", type=int, default=None, help="keep the first DIM features (Matryoshka); None: all")
-    e.add_argument("--pooling", choices=["last", "mean"], default="last", help="last (EOS) token or mean of tokens")
-    e.add_argument("--layer", type=int, default=None, help="pool this layer's raw hidden state, 0 = embeddings, "
-                   "negative from the end; None: the final normed output")
-    e.add_argument("--layer-sweep", action="store_true", help="one forward pass, a head per layer, a table of val MAP@3")
-    e.add_argument("--compare-pooling", action="store_true", help="the same for last and mean pooling")
+    e.add_argument("--no-eos", action="store_true", help="append no EOS token: pool the text's "
+                   "own last token, as llama.cpp does for a plain Qwen3 LLM (the method's "
+                   "published 0.944 was made so); default: EOS appended, as Qwen3-Embedding was "
+                   "trained")
+    e.add_argument("--dim", type=int, default=None,
+                   help="keep the first DIM features (Matryoshka); None: all")
+    e.add_argument("--pooling", choices=["last", "mean"], default="last",
+                   help="last (EOS) token or mean of tokens")
+    e.add_argument("--layer", type=int, default=None, help="pool this layer's raw hidden state, 0 "
+                   "= embeddings, negative from the end; None: the final normed output")
+    e.add_argument("--layer-sweep", action="store_true",
+                   help="one forward pass, a head per layer, a table of val MAP@3")
+    e.add_argument("--compare-pooling", action="store_true",
+                   help="the same for last and mean pooling")
     e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
-                   help="compute dtype; None: bfloat16 on CUDA GPUs of compute capability 8.0+ and on CPUs with "
-                   "native bf16 (AVX-512 BF16, AMX), else float32 (float16 is refused: Qwen3 overflows it)")
+                   help="compute dtype; None: bfloat16 on CUDA GPUs of compute capability 8.0+ "
+                   "and on CPUs with native bf16 (AVX-512 BF16, AMX), else float32 (float16 is "
+                   "refused: Qwen3 overflows it)")
     cli.add_flags(e)
     add_head_flags(p)
     return p.parse_args(argv)
@@ -624,28 +669,42 @@ def parse_args(argv=None):
 
 def add_head_flags(p):
     h = p.add_argument_group("head and training")
-    h.add_argument("--hidden", type=int, nargs=2, default=[1024, 512], metavar=("H1", "H2"), help="hidden layer sizes")
-    h.add_argument("--dropout", type=float, default=0.2, help="on the input and after each hidden layer")
-    h.add_argument("--activation", choices=sorted(ACTIVATIONS), default="gelu", help="between the layers")
+    h.add_argument("--hidden", type=int, nargs=2, default=[1024, 512], metavar=("H1", "H2"),
+                   help="hidden layer sizes")
+    h.add_argument("--dropout", type=float, default=0.2,
+                   help="on the input and after each hidden layer")
+    h.add_argument("--activation", choices=sorted(ACTIVATIONS), default="gelu",
+                   help="between the layers")
     h.add_argument("--input-norm", action="store_true", help="LayerNorm on the input vectors")
-    h.add_argument("--epochs", type=int, default=30, help="passes over the training rows; the best one is kept")
+    h.add_argument("--epochs", type=int, default=30,
+                   help="passes over the training rows; the best one is kept")
     h.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    h.add_argument("--warmup-frac", type=float, default=0.1, help="share of steps spent warming up the LR")
-    h.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
-    h.add_argument("--label-smoothing", type=float, default=0.0, help="of the cross-entropy targets")
+    h.add_argument("--warmup-frac", type=float, default=0.1,
+                   help="share of steps spent warming up the LR")
+    h.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW's decoupled weight decay")
+    h.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="of the cross-entropy targets")
     h.add_argument("--head-batch-size", type=int, default=64, help="rows per optimizer step")
     h.add_argument("--seed", type=int, default=0, help="split, init and batch order")
-    h.add_argument("--head-device", default=None, help="where the head trains: cpu, cuda, ...; None: the embedding device")
-    h.add_argument("--sweep", type=int, default=0, help="try N random head configurations, rank them, save the best")
-    h.add_argument("--out", default=None, help="checkpoint folder to write; None: nothing is written")
+    h.add_argument("--head-device", default=None,
+                   help="where the head trains: cpu, cuda, ...; None: the embedding device")
+    h.add_argument("--sweep", type=int, default=0,
+                   help="try N random head configurations, rank them, save the best")
+    h.add_argument("--out", default=None,
+                   help="checkpoint folder to write; None: nothing is written")
     t = p.add_argument_group("fine-tuning the embedder with LoRA (lora.py)")
-    t.add_argument("--lora-rank", type=int, default=0, help="rank of the adapters; 0: frozen vectors (cached)")
-    t.add_argument("--lora-alpha", type=float, default=16, help="the adapters' output is scaled by alpha / rank")
-    t.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="comma-separated linear layers to adapt")
-    t.add_argument("--lora-layers", type=int, default=None, help="adapt the top N blocks; None: all")
+    t.add_argument("--lora-rank", type=int, default=0,
+                   help="rank of the adapters; 0: frozen vectors (cached)")
+    t.add_argument("--lora-alpha", type=float, default=16,
+                   help="the adapters' output is scaled by alpha / rank")
+    t.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
+                   help="comma-separated linear layers to adapt")
+    t.add_argument("--lora-layers", type=int, default=None,
+                   help="adapt the top N blocks; None: all")
     t.add_argument("--lora-lr", type=float, default=2e-4, help="peak learning rate of the adapters")
-    t.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in the "
-                   "backward pass: less memory, about a third more time")
+    t.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's "
+                   "activations in the backward pass: less memory, about a third more time")
 
 
 if __name__ == "__main__":
