@@ -17,7 +17,20 @@ def test_how_it_works_links_point_at_the_code_they_name():
         assert int(start) <= int(end or start) <= len(lines), (label, file)
         name = re.fullmatch(r"(?:[\w.]+\.py: )?([\w.]+)", label)
         assert name, f"link label {label!r} should name the code it points at"
-        assert name[1].split(".")[-1] in lines[int(start) - 1], (label, file, start)  # so edits keep it in step
+        *outer, last = name[1].split(".")
+        line = lines[int(start) - 1]
+        assert last in line, (label, file, start)  # so edits keep it in step
+        # and in the right place: a name is defined on its line (def, class or assignment); "A.b"
+        # sits inside A (the nearest def or class above it), defined there if A is a class
+        defined = re.search(rf"(def|class) {last}\b|\b{last} = ", line)
+        if outer:
+            above = next(x for x in reversed(lines[:int(start) - 1])
+                         if re.match(rf"\s*(def|class) {outer[-1]}\b", x) or
+                         re.match(r"(def|class) ", x))
+            assert re.match(rf"\s*(def|class) {outer[-1]}\b", above), (label, file, start, above)
+            assert defined or above.lstrip().startswith("def"), (label, file, start, line)
+        else:
+            assert defined, (label, file, start, line)
 
 
 def test_readme_flags_exist():
