@@ -18,7 +18,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 # The MAP format: the question, the multiple-choice answer the student picked, their explanation.
-MAP_TEMPLATE = "Question: {QuestionText}\nAnswer: {MC_Answer}\nStudent explanation: {StudentExplanation}"
+MAP_TEMPLATE = ("Question: {QuestionText}\nAnswer: {MC_Answer}\n"
+                "Student explanation: {StudentExplanation}")
 CORRECT_SUFFIX = "\nIs the answer correct? {AnswerIsCorrect}"  # train.py --map-correct
 
 
@@ -47,7 +48,8 @@ def read_csv(path):
                                      f"the header has {len(header)}")
                 rows.append(dict(zip(header, fields)))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from None
+        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); re-save it as "
+                         f"UTF-8") from None
     except csv.Error as e:
         raise ValueError(f"{path}: malformed CSV ({e})") from None
     if not rows:
@@ -58,7 +60,8 @@ def read_csv(path):
 def require_columns(path, columns, wanted, flag):
     missing = [c for c in wanted if c not in columns]
     if missing:
-        raise ValueError(f"{path}: {flag} names column(s) {missing} that the CSV lacks; it has {columns}")
+        raise ValueError(f"{path}: {flag} names column(s) {missing} that the CSV lacks; it has "
+                         f"{columns}")
 
 
 def template_fields(template):
@@ -73,8 +76,9 @@ def template_fields(template):
         if field is None:
             continue
         if not field or field.isdigit() or any(c in field for c in ".[]") or spec or conversion:
-            raise ValueError(f"--text-template: field {{{field}{'!' + conversion if conversion else ''}"
-                             f"{':' + spec if spec else ''}}} must be a plain column name like {{QuestionText}}")
+            shown = field + ("!" + conversion if conversion else "") + (":" + spec if spec else "")
+            raise ValueError(f"--text-template: field {{{shown}}} must be a plain column name "
+                             f"like {{QuestionText}}")
         fields.append(field)
     return fields
 
@@ -105,7 +109,8 @@ def map_correct_answers(rows):
 
 def add_answer_is_correct(rows, correct):
     for row in rows:
-        row["AnswerIsCorrect"] = "yes" if correct.get(row["QuestionId"]) == row["MC_Answer"] else "no"
+        is_correct = correct.get(row["QuestionId"]) == row["MC_Answer"]
+        row["AnswerIsCorrect"] = "yes" if is_correct else "no"
 
 
 def labels_of(rows, label_cols):
@@ -138,7 +143,8 @@ def split(labels, val_frac, groups=None, seed=0):
                 break
             val += members[g]
         if len(val) == len(labels):
-            raise ValueError(f"--val-frac {val_frac}: too few groups ({len(keys)}) to keep any for training")
+            raise ValueError(f"--val-frac {val_frac}: too few groups ({len(keys)}) to keep any for "
+                             f"training")
     else:
         members, _ = buckets(labels, None)
         for y in sorted(members):
@@ -183,9 +189,11 @@ class DiskFullError(OSError):
 
 
 def is_disk_full(error):
-    """ENOSPC or EDQUOT, as an OSError or as the I/O error safetensors reports in its own exception."""
-    return isinstance(error, DiskFullError) or (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-        any(f"os error {n})" in str(error) for n in (errno.ENOSPC, errno.EDQUOT)))
+    """ENOSPC or EDQUOT, as an OSError or as the I/O error safetensors reports in its own
+    exception."""
+    full = (errno.ENOSPC, errno.EDQUOT)
+    return (isinstance(error, DiskFullError) or (isinstance(error, OSError) and error.errno in full)
+            or any(f"os error {n})" in str(error) for n in full))
 
 
 @contextlib.contextmanager
@@ -207,7 +215,8 @@ def atomic_path(path):
             raise
         shutil.rmtree(tmp.parent, ignore_errors=True)  # first, so that the free space counts it
         free = shutil.disk_usage(path.parent).free
-        raise DiskFullError(f"{path.parent}: no space left on the disk while writing {path.name} ({free / 1e6:.1f} MB "
-                            f"free there); nothing half-written was kept") from None
+        raise DiskFullError(f"{path.parent}: no space left on the disk while writing {path.name} "
+                            f"({free / 1e6:.1f} MB free there); nothing half-written was "
+                            f"kept") from None
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)

@@ -3,7 +3,7 @@
     adapters = add_lora(model, rank=8, alpha=16, targets=["q", "v"], layers=4)  # the top 4 blocks
     ...train the adapters (train.py --lora-rank 8 trains them with the head)...
     merge_lora(model)  # W <- W + (alpha / rank) B A: plain nn.Linear again, no cost at inference
-    checkpoint_blocks(model)  # train.py --grad-checkpoint: recompute each block in the backward pass
+    checkpoint_blocks(model)  # --grad-checkpoint: recompute each block in the backward pass
 
 An adapted layer computes W x + (alpha / rank) B (A x). W stays frozen; A (rank, in) starts random
 and B (out, rank) zero, so training starts from the base model's exact outputs and only
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+           "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+           "down": "mlp.down_proj"}
 
 
 class LoRALinear(nn.Module):
@@ -35,7 +36,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as peft does
 
     def forward(self, x):  # (N, in) -> (N, out)
-        update = F.linear(F.linear(x.float(), self.lora_A), self.lora_B) * self.scale  # B (A x), low rank
+        update = F.linear(F.linear(x.float(), self.lora_A), self.lora_B) * self.scale  # B (A x)
         return self.base(x) + update.to(x.dtype)
 
 
@@ -48,7 +49,8 @@ def check_lora(n_layers, rank, targets, layers):
     if unknown or not targets:
         raise ValueError(f"--lora-targets: unknown {unknown} (choose from {','.join(TARGETS)})")
     if layers is not None and not 1 <= layers <= (n_layers or layers):
-        raise ValueError(f"--lora-layers must be between 1 and the model's {n_layers} layers, got {layers}")
+        raise ValueError(f"--lora-layers must be between 1 and the model's {n_layers} layers, "
+                         f"got {layers}")
 
 
 def add_lora(model, rank, alpha, targets, layers=None):
@@ -75,8 +77,8 @@ def load_adapters(model, tensors, source):
     missing, unexpected = sorted(mine.keys() - tensors.keys()), sorted(tensors.keys() - mine.keys())
     bad = [k for k in mine.keys() & tensors.keys() if mine[k].shape != tensors[k].shape]
     if missing or unexpected or bad:
-        raise ValueError(f"{source}: adapters do not fit the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, misshapen {bad[:3]})")
+        raise ValueError(f"{source}: adapters do not fit the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, misshapen {bad[:3]})")
     with torch.no_grad():
         for name, p in mine.items():
             p.copy_(tensors[name])
@@ -101,7 +103,8 @@ def merge_lora(model):
 
 def checkpoint_blocks(model):
     """Gradient checkpointing, applied at one call site like compile: each block keeps only its
-    input for the backward pass and recomputes the rest there (memory for about a third more time)."""
+    input for the backward pass and recomputes the rest there (memory for about a third more
+    time)."""
     for block in model.layers:
         block.forward = checkpointed(block.forward)
 

@@ -22,15 +22,16 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 class MLPHead(nn.Module):
     """in_dim -> hidden[0] -> hidden[1] -> n_classes, activation and dropout between layers."""
 
-    def __init__(self, in_dim, n_classes, hidden=(1024, 512), dropout=0.2, activation="gelu", input_norm=False):
+    def __init__(self, in_dim, n_classes, hidden=(1024, 512), dropout=0.2, activation="gelu",
+                 input_norm=False):
         super().__init__()
-        self.hparams = dict(in_dim=in_dim, n_classes=n_classes, hidden=list(hidden), dropout=dropout,
-                            activation=activation, input_norm=input_norm)
+        self.hparams = dict(in_dim=in_dim, n_classes=n_classes, hidden=list(hidden),
+                            dropout=dropout, activation=activation, input_norm=input_norm)
         act = ACTIVATIONS[activation]
         h1, h2 = hidden
         self.net = nn.Sequential(
             nn.LayerNorm(in_dim) if input_norm else nn.Identity(),
-            nn.Dropout(dropout),  # on the input too: the vectors are frozen, so this is the main regulariser
+            nn.Dropout(dropout),  # on the input too: the vectors are frozen, the main regulariser
             nn.Linear(in_dim, h1), act(), nn.Dropout(dropout),
             nn.Linear(h1, h2), act(), nn.Dropout(dropout),
             nn.Linear(h2, n_classes),
@@ -44,8 +45,10 @@ def save_checkpoint(folder, heads, labels, embedding, extra=None, files=None, te
     """Write the whole folder under a temporary name, then rename: never half a checkpoint.
     extra: more meta.json entries (e.g. metrics); files: {name: text} written beside; tensors:
     {name: {key: tensor}} written beside as safetensors (LoRA adapters)."""
-    names = ["head.safetensors"] if len(heads) == 1 else [f"head-{k}.safetensors" for k in range(len(heads))]
-    meta = {"labels": list(labels), "head": heads[0].hparams, "embedding": embedding, "heads": names, **(extra or {})}
+    names = [f"head-{k}.safetensors" for k in range(len(heads))]
+    names = ["head.safetensors"] if len(heads) == 1 else names
+    meta = {"labels": list(labels), "head": heads[0].hparams, "embedding": embedding,
+            "heads": names, **(extra or {})}
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         for head, file in zip(heads, names):
@@ -67,9 +70,11 @@ def load_checkpoint(folder):
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         missing = {"heads", "head", "labels", "embedding"} - meta.keys()
     except (ValueError, AttributeError) as e:
-        raise ValueError(f"{folder / 'meta.json'}: not a valid checkpoint description ({e})") from None
+        raise ValueError(f"{folder / 'meta.json'}: not a valid checkpoint description "
+                         f"({e})") from None
     if missing:
-        raise ValueError(f"{folder / 'meta.json'}: not a valid checkpoint description (no {sorted(missing)})")
+        raise ValueError(f"{folder / 'meta.json'}: not a valid checkpoint description "
+                         f"(no {sorted(missing)})")
     heads = []
     for file in meta["heads"]:
         if not (folder / file).is_file():
@@ -86,7 +91,8 @@ def load_checkpoint(folder):
 
 @torch.no_grad()
 def predict_proba(heads, x, batch_size=4096):
-    """Mean of the heads' softmax probabilities: one head, or a fold ensemble. (N, in) -> (N, classes)."""
+    """Mean of the heads' softmax probabilities: one head, or a fold ensemble. (N, in) ->
+    (N, classes)."""
     out, device = [], next(heads[0].parameters()).device
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].to(device)

@@ -19,10 +19,11 @@ import torch
 GB = 1e9  # memory is reported in decimal GB, as the Hub and GPU spec sheets do
 
 
-# ----------------------------------------------------------------------------- the checkpoint folder
+# ---------------------------------------------------------------------------- the checkpoint folder
 
 def resolve_model_dir(name_or_path, revision=None):
-    """A local directory as is; otherwise a Hugging Face repo id, downloaded into the standard cache.
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded into the standard
+    cache.
 
     Only config, tokenizer and safetensors files are fetched (never pickled weights or code);
     HF_HUB_OFFLINE=1 makes this read the cache alone.
@@ -35,9 +36,10 @@ def resolve_model_dir(name_or_path, revision=None):
         try:
             folder = Path(snapshot_download(str(name_or_path), revision=revision,
                                             allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-        except Exception as e:  # offline with an empty cache, unknown repo, no network, bad revision...
-            raise FileNotFoundError(f"{name_or_path}: not a local directory and not fetched from the "
-                                    f"Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        except Exception as e:  # offline with an empty cache, unknown repo, no network, ...
+            why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            raise FileNotFoundError(f"{name_or_path}: not a local directory and not fetched from "
+                                    f"the Hugging Face Hub ({why})") from None
     for needed in ("config.json", "tokenizer.json"):
         if not (folder / needed).is_file():
             raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
@@ -46,14 +48,16 @@ def resolve_model_dir(name_or_path, revision=None):
 
 # ----------------------------------------------------------------------------- device and dtype
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+          "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16}
 
 
 def cpu_has_native_bf16():
     """AVX-512 BF16 or AMX: bf16 matmuls run about 2x fp32's FLOP rate (and halve the memory).
     Without them bf16 is emulated, several times slower than fp32 (5.5x measured on an AVX2 CPU)."""
-    return any(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)() for name in ("avx512_bf16", "amx_tile"))
+    return any(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()
+               for name in ("avx512_bf16", "amx_tile"))
 
 
 def default_dtype(device):
@@ -69,26 +73,32 @@ def default_dtype(device):
 
 
 def pick_device(device=None):
-    """torch.device: as given, else CUDA when a GPU is present, else MPS (Apple Silicon), else the CPU."""
+    """torch.device: as given, else CUDA when a GPU is present, else MPS (Apple Silicon), else the
+    CPU."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = ("cuda" if torch.cuda.is_available() else
+                  "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r} (try 'cpu', 'cuda', 'cuda:1' or 'mps')") from None
+        raise ValueError(f"unknown device {device!r} (try 'cpu', 'cuda', 'cuda:1' or "
+                         f"'mps')") from None
     backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and not (backend and hasattr(backend, "is_available") and backend.is_available()):
+    usable = backend and hasattr(backend, "is_available") and backend.is_available()
+    if device.type != "cpu" and not usable:
         raise ValueError(f"device {device} asked for, but this machine or torch build has none")
     return device
 
 
 def pick_device_dtype(device=None, dtype=None):
-    """(torch.device, torch.dtype): pick_device(device), and dtype as given or default_dtype(device)."""
+    """(torch.device, torch.dtype): pick_device(device), and dtype as given or
+    default_dtype(device)."""
     device = pick_device(device)
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     dtype = default_dtype(device) if dtype is None else dtype
     if dtype == torch.float16:
-        raise ValueError("float16 is not supported: Qwen3's activations overflow it; use bfloat16 or float32")
+        raise ValueError("float16 is not supported: Qwen3's activations overflow it; use bfloat16 "
+                         "or float32")
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"unknown dtype {dtype!r} (use 'bfloat16' or 'float32')")
     return device, dtype
@@ -104,7 +114,8 @@ def host_available():
     """Bytes of RAM a new allocation can take without swapping: MemAvailable on Linux."""
     try:
         with open("/proc/meminfo") as f:
-            return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+            line = next(line for line in f if line.startswith("MemAvailable:"))
+            return int(line.split()[1]) * 1024
     except (OSError, StopIteration):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -127,19 +138,20 @@ def memory_budget(device, max_memory_gb=None):
     else:
         free, where = host_available(), "this machine has {} of RAM available"
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if ranks > 1 and device.type in ("cpu", "mps"):  # on an accelerator each rank has one of its own
+    if ranks > 1 and device.type in ("cpu", "mps"):  # on an accelerator each rank has its own
         free, where = free // ranks, where + f", shared by {ranks} processes"
     return free, where.format(f"{free / GB:.1f} GB")
 
 
 @contextmanager
 def compact_heap():
-    """While loading weights: keep every allocation of 1 MiB or more in its own mapping (glibc only).
-    glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB); then
-    blocks of a few MiB come from the heap, where the long-lived weights interleave with the loader's
-    temporaries, and the gaps these leave can never go back to the OS. Measured loading the 8B shape
-    in int8: 11.1 GB resident for 7.6 GB of weights with the default, 7.8 GB with this. After loading,
-    32 MiB: the ceiling the default reaches anyway, so the forward pass runs as it always did."""
+    """While loading weights: keep every allocation of 1 MiB or more in its own mapping (glibc
+    only). glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB);
+    then blocks of a few MiB come from the heap, where the long-lived weights interleave with the
+    loader's temporaries, and the gaps these leave can never go back to the OS. Measured loading the
+    8B shape in int8: 11.1 GB resident for 7.6 GB of weights with the default, 7.8 GB with this.
+    After loading, 32 MiB: the ceiling the default reaches anyway, so the forward pass runs as it
+    always did."""
     try:
         mallopt = ctypes.CDLL(None).mallopt if os.confstr("CS_GNU_LIBC_VERSION") else None
     except (AttributeError, OSError, ValueError):
@@ -161,7 +173,7 @@ def empty_cache(device):
 
 
 def is_out_of_memory(error):
-    """CUDA raises torch.OutOfMemoryError; MPS (and some other backends) a RuntimeError saying so."""
+    """CUDA raises torch.OutOfMemoryError; MPS (and other backends) a RuntimeError saying so."""
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
@@ -174,7 +186,8 @@ def plan_batches(lengths, max_tokens, max_texts=None, ordered=False):
     order = sorted(range(len(lengths)), key=lambda i: 0 if ordered else lengths[i])
     batches, tokens = [], 0
     for i in order:
-        if not batches or tokens + lengths[i] > max_tokens or len(batches[-1]) == (max_texts or len(order) + 1):
+        if not batches or tokens + lengths[i] > max_tokens or \
+                len(batches[-1]) == (max_texts or len(order) + 1):
             batches.append([])
             tokens = 0
         batches[-1].append(i)
@@ -185,9 +198,9 @@ def plan_batches(lengths, max_tokens, max_texts=None, ordered=False):
 def default_batch_tokens(config, device, dtype, keep_layers=False):
     """Tokens per forward pass when the caller does not say.
 
-    Not CUDA: 2048, the fastest measured on a 2-core CPU (larger batches fall out of cache: 16384 was
-    25-35% slower); with keep_layers (every layer's state kept until pooling) fewer, so that the kept
-    states stay under 256 MiB. CUDA: as many as fit in a third of the free GPU memory
+    Not CUDA: 2048, the fastest measured on a 2-core CPU (larger batches fall out of cache: 16384
+    was 25-35% slower); with keep_layers (every layer's state kept until pooling) fewer, so that the
+    kept states stay under 256 MiB. CUDA: as many as fit in a third of the free GPU memory
     (torch.cuda.mem_get_info), counting one layer's live activations per token (activation_bytes;
     with keep_layers, every layer's output too), between 1024 and 65536: a GPU
     needs tens of thousands of tokens per matmul to be busy, and texts are sorted by length, so a
@@ -203,7 +216,9 @@ def room_batch_tokens(config, device, dtype, keep_layers=False):
     """The batch that the weight-format check (weights.choose_format) keeps room for: the default
     off CUDA; on CUDA the smallest default (1024 tokens), as the default there grows into whatever
     memory the weights leave."""
-    return 1024 if device.type == "cuda" else default_batch_tokens(config, device, dtype, keep_layers)
+    if device.type == "cuda":
+        return 1024
+    return default_batch_tokens(config, device, dtype, keep_layers)
 
 
 def activation_bytes(c, dtype):
@@ -268,7 +283,8 @@ class FastPaths:
         self.varlen, self.compile, self.compiled = varlen_usable(device, dtype), compile, False
 
     def maybe_compile(self, model, n_tokens, log):
-        if self.compiled or self.compile is False or (self.compile is None and n_tokens < COMPILE_MIN_TOKENS):
+        small = self.compile is None and n_tokens < COMPILE_MIN_TOKENS
+        if self.compiled or self.compile is False or small:
             return
         log("compiling the model's blocks with torch.compile: once per run, longer the first time, "
             "cached on disk after (compile=False or --no-compile runs eagerly)")
@@ -278,11 +294,13 @@ class FastPaths:
     def fall_back(self, model, error):
         """After a forward pass failed with error: True if a fast path was on (now off, said once),
         False if the eager path itself failed (the caller raises)."""
-        on = [name for name, used in (("torch.compile", self.compiled), ("varlen attention", self.varlen)) if used]
+        on = [name for name, used in (("torch.compile", self.compiled),
+                                      ("varlen attention", self.varlen)) if used]
         if not on:
             return False
-        warnings.warn(f"{' and '.join(on)} failed ({type(error).__name__}: {str(error).strip().splitlines()[0]}); "
-                      f"running the eager reference path instead")
+        why = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+        warnings.warn(f"{' and '.join(on)} failed ({why}); running the eager reference path "
+                      f"instead")
         uncompile_blocks(model)
         self.compile, self.compiled, self.varlen = False, False, False
         return True
@@ -292,8 +310,8 @@ class TextTooLongError(MemoryError):
     """One text that does not fit in device memory even alone; .index and .tokens say which."""
 
     def __init__(self, index, tokens):
-        super().__init__(f"text {index} ({tokens} tokens) does not fit in device memory even alone; "
-                         f"lower max_length")
+        super().__init__(f"text {index} ({tokens} tokens) does not fit in device memory even "
+                         f"alone; lower max_length")
         self.index, self.tokens = index, tokens
 
 
@@ -317,7 +335,8 @@ def run_batches(model, ids, max_tokens, max_texts, need_layers, device, fast, lo
                 raise
         else:
             if failed_at:
-                log(f"out of GPU memory with {failed_at} tokens in a batch: carrying on with at most {max_tokens}")
+                log(f"out of GPU memory with {failed_at} tokens in a batch: carrying on with at "
+                    f"most {max_tokens}")
                 failed_at = None
             yield batch, (out if need_layers else (out, None))
             continue
@@ -332,4 +351,5 @@ def run_batches(model, ids, max_tokens, max_texts, need_layers, device, fast, lo
         tokens = sum(lengths[i] for i in batch)
         failed_at, max_tokens = failed_at or tokens, tokens // 2
         rest = batch + [i for b in pending for i in b]
-        pending = [[rest[j] for j in b] for b in plan_batches([lengths[i] for i in rest], max_tokens, max_texts)][::-1]
+        plan = plan_batches([lengths[i] for i in rest], max_tokens, max_texts)
+        pending = [[rest[j] for j in b] for b in plan][::-1]

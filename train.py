@@ -265,6 +265,14 @@ def cross_validate(args, x, task, quiet=False):
     return heads, oof, res, {"history.csv": history, "folds.csv": folds}
 
 
+class Trial(NamedTuple):
+    """One --sweep trial: its head configuration and score."""
+    index: int
+    config: dict
+    map3: float  # validation MAP@3
+    seconds: float
+
+
 def fit_sweep(args, x, task):
     """--sweep N random head configurations on the same vectors and split. Only the best trial's
     head and probabilities are kept; the others are scored and dropped."""
@@ -272,38 +280,37 @@ def fit_sweep(args, x, task):
 
     def progress():  # for Ctrl-C
         return f"after {len(trials)} of {args.sweep} sweep trials" + (
-            f" (best so far: trial {best[0]}, val MAP@3 {best[2].scores.map3:.4f}, "
-            f"{json.dumps(best[1])})" if best else "")
+            f" (best so far: trial {best.index}, val MAP@3 {best.map3:.4f}, "
+            f"{json.dumps(best.config)})" if best else "")
 
     tr, va = task.tr, task.va
     with interrupted(progress):
-        for trial in range(args.sweep):
+        for i in range(args.sweep):
             config = sample_head_config(rng)
             t0 = time.time()
             head, result = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels,
                                       argparse.Namespace(**{**vars(args), **config}))
-            trials.append((result.scores.map3, trial, config, time.time() - t0))
-            history += [{"trial": trial, **row} for row in result.history]
-            if best is None or result.scores.map3 > best[2].scores.map3:
-                best = (trial, config, result, head)
+            trials.append(Trial(i, config, result.scores.map3, time.time() - t0))
+            history += [{"trial": i, **row} for row in result.history]
+            if best is None or trials[-1].map3 > best.map3:
+                best, best_head, best_probs = trials[-1], head, result.scores.probs
             del head, result  # only the best trial's head and probabilities stay
-            log(f"trial {trial:3d}: val MAP@3 {trials[-1][0]:.4f}  {json.dumps(config)}  "
-                f"{trials[-1][3]:.1f}s")
-    trials.sort(key=lambda t: (-t[0], t[1]))
+            log(f"trial {i:3d}: val MAP@3 {trials[-1].map3:.4f}  {json.dumps(config)}  "
+                f"{trials[-1].seconds:.1f}s")
+    trials.sort(key=lambda t: (-t.map3, t.index))
     print_table(["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs",
                  "time"],
-                [[r + 1, t, f"{m:.4f}", "x".join(map(str, c["hidden"])), c["dropout"],
-                  f"{c['lr']:.2e}", c["weight_decay"], c["label_smoothing"], c["epochs"],
-                  f"{s:.1f}s"]
-                 for r, (m, t, c, s) in enumerate(trials)])
-    trial, config, result, head = best
-    table = [{"rank": r + 1, "trial": t, "val_map3": m, **c,
-              "hidden": "x".join(map(str, c["hidden"])), "seconds": sec}
-             for r, (m, t, c, sec) in enumerate(trials)]
-    results = {"best_trial": trial, "val_map3": result.scores.map3,
-               "sweep": [[t, m, c] for m, t, c, _ in trials]}
-    return Fitted([head], va, result.scores.probs, results,
-                  {"history.csv": history, "sweep.csv": table}, config)
+                [[r + 1, t.index, f"{t.map3:.4f}", "x".join(map(str, t.config["hidden"])),
+                  t.config["dropout"], f"{t.config['lr']:.2e}", t.config["weight_decay"],
+                  t.config["label_smoothing"], t.config["epochs"], f"{t.seconds:.1f}s"]
+                 for r, t in enumerate(trials)])
+    table = [{"rank": r + 1, "trial": t.index, "val_map3": t.map3, **t.config,
+              "hidden": "x".join(map(str, t.config["hidden"])), "seconds": t.seconds}
+             for r, t in enumerate(trials)]
+    results = {"best_trial": best.index, "val_map3": best.map3,
+               "sweep": [[t.index, t.map3, t.config] for t in trials]}
+    tables = {"history.csv": history, "sweep.csv": table}
+    return Fitted([best_head], va, best_probs, results, tables, best.config)
 
 
 def sample_head_config(rng):

@@ -35,21 +35,24 @@ GROUP = 32  # weights per scale: llama.cpp's block size; 128 and 64 measured wor
 FORMATS = ("none", "int8", "int4")
 MIXED_8BIT = ("embed_tokens.weight", "v_proj.weight")  # int4's exceptions, kept in int8
 ROWS_PER_READ = 4096  # rows read, converted and quantized at once (the 8B's table: 16 MiB of bf16)
-RUNTIME_BYTES = int(0.5 * GB)  # torch, the tokenizer and Python itself, measured at about 0.4 GB RSS
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+RUNTIME_BYTES = int(0.5 * GB)  # torch, the tokenizer and Python itself: about 0.4 GB RSS measured
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+                      "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
+                      "I8": torch.int8, "U8": torch.uint8}
 
 
 # ----------------------------------------------------------------------------- the quantizer
 
 def groups(w):  # (out, in) -> (out, in / GROUP, GROUP) float32
     if w.shape[-1] % GROUP:
-        raise ValueError(f"int8/int4 need input sizes divisible by {GROUP}, got a weight of shape {tuple(w.shape)}")
+        raise ValueError(f"int8/int4 need input sizes divisible by {GROUP}, got a weight of shape "
+                         f"{tuple(w.shape)}")
     return w.float().view(w.shape[0], -1, GROUP)
 
 
 def quantize_int8(w):
-    """(out, in) -> q int8 (out, in), scale float16 (out, in / GROUP): each group's largest |w| is 127."""
+    """(out, in) -> q int8 (out, in), scale float16 (out, in / GROUP): each group's largest |w| is
+    127."""
     g = groups(w)
     scale = (g.abs().amax(-1) / 127).half()
     q = torch.round(g / scale.float().clamp_min(1e-30)[..., None]).clamp_(-127, 127)
@@ -65,14 +68,15 @@ def quantize_int4(w):
     g = groups(w)
     lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)      # (out, in / GROUP)
     steps = torch.empty(w.shape[0], 2, device=w.device)
-    steps[:, 1] = (-lo).amax(1) / 255                               # an 8-bit code per group covers the row
-    offset_code = torch.ceil(-lo / steps[:, 1:].clamp_min(1e-30)).clamp_(max=255)  # (255.00001 -> 255)
+    steps[:, 1] = (-lo).amax(1) / 255                               # 8-bit codes cover the row
+    offset_code = torch.ceil(-lo / steps[:, 1:].clamp_min(1e-30)).clamp_(max=255)  # 255.00001: 255
     offset = offset_code * steps[:, 1:]                             # >= -lo
     wanted = (hi + offset) / 15                                     # 15 steps from -offset reach hi
     steps[:, 0] = wanted.amax(1) / 255
     scale_code = torch.ceil(wanted / steps[:, :1].clamp_min(1e-30)).clamp_(1, 255)
     scale = scale_code * steps[:, :1]
-    q = torch.round((g + offset[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).view(w.shape[0], -1)
+    q = torch.round((g + offset[..., None]) / scale[..., None]).clamp_(0, 15)  # like g
+    q = q.to(torch.uint8).view(w.shape[0], -1)                      # (out, in)
     codes = torch.stack((scale_code, offset_code), -1).to(torch.uint8)
     return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "codes": codes, "steps": steps}
 
@@ -81,7 +85,8 @@ def dequantize(t, dtype):
     """The stored tensors of one weight (or of some of its rows) -> (rows, in) in dtype."""
     q = t["weight"]
     if "scale" in t:  # int8
-        return (q.view(q.shape[0], -1, GROUP).to(dtype) * t["scale"].to(dtype)[..., None]).view(q.shape)
+        g = q.view(q.shape[0], -1, GROUP).to(dtype)                # (out, in / GROUP, GROUP)
+        return (g * t["scale"].to(dtype)[..., None]).view(q.shape)
     if "codes" in t:  # int4: unpack the nibbles, then q * scale - offset, in place
         q = torch.stack((q & 15, q >> 4), -1).view(q.shape[0], -1, GROUP)
         scale, offset = (t["codes"].to(dtype) * t["steps"].to(dtype)[:, None]).unbind(-1)
@@ -146,11 +151,13 @@ class StoredEmbedding(nn.Module):
         self.dtype = dtype  # the compute dtype: ids carry none
 
     def forward(self, ids):  # (N,) -> (N, hidden)
-        return dequantize({name: t[ids] for name, t in self.named_buffers()}, self.dtype)  # every buffer is per row
+        rows = {name: t[ids] for name, t in self.named_buffers()}  # every buffer is per row
+        return dequantize(rows, self.dtype)
 
 
 def stored_dtype(source, dtype):
-    """As shipped: the checkpoint's dtype, or the compute dtype where that is narrower (fp32 -> bf16)."""
+    """As shipped: the checkpoint's dtype, or the compute dtype where that is narrower (fp32 ->
+    bf16)."""
     return dtype if dtype.itemsize <= source.itemsize else source
 
 
@@ -164,10 +171,12 @@ def read_stored(f, key, fmt, dtype, device, file, offset):
     bits = bits_of(key, fmt) if len(shape) == 2 else None
     if bits is None:
         t = f.get_tensor(key)  # memory-mapped: the same dtype on the CPU stays a view of the file
-        return {"weight": t.to(device=device, dtype=dtype if len(shape) != 2 else stored_dtype(t.dtype, dtype))}
-    source, quantize = SAFETENSORS_DTYPES[sliced.get_dtype()], quantize_int8 if bits == 8 else quantize_int4
+        kept = dtype if len(shape) != 2 else stored_dtype(t.dtype, dtype)
+        return {"weight": t.to(device=device, dtype=kept)}
+    source = SAFETENSORS_DTYPES[sliced.get_dtype()]
+    quantize = quantize_int8 if bits == 8 else quantize_int4
     stored = {}
-    for start in range(0, shape[0], ROWS_PER_READ):  # a block of rows at a time: no full-precision copy
+    for start in range(0, shape[0], ROWS_PER_READ):  # a block of rows at a time: no full copy
         stop = min(shape[0], start + ROWS_PER_READ)
         block = quantize(read_rows(file, offset, shape, source, start, stop))
         for name, t in block.items():  # filled in place: never the quantized tensor twice either
@@ -199,7 +208,8 @@ def read_lookup(file, offset, shape, dtype, ids):
             fh.seek(offset + i * row)
             fh.readinto(memoryview(buffer)[j * row:(j + 1) * row])
     where = {i: j for j, i in enumerate(unique)}
-    return torch.frombuffer(buffer, dtype=dtype).view(len(unique), shape[1])[torch.tensor([where[i] for i in ids])]
+    rows = torch.frombuffer(buffer, dtype=dtype).view(len(unique), shape[1])
+    return rows[torch.tensor([where[i] for i in ids])]
 
 
 def apply_format(model, stored, dtype):
@@ -229,7 +239,8 @@ def read_header(file, offsets=False):
     header.pop("__metadata__", None)
     if offsets:
         return {k: 8 + n + v["data_offsets"][0] for k, v in header.items()}
-    return {k: (v["shape"], SAFETENSORS_DTYPES.get(v["dtype"], torch.float32)) for k, v in header.items()}
+    return {k: (v["shape"], SAFETENSORS_DTYPES.get(v["dtype"], torch.float32))
+            for k, v in header.items()}
 
 
 def weight_bytes(tensors, fmt, dtype):
@@ -242,23 +253,27 @@ def weight_bytes(tensors, fmt, dtype):
         elif bits == 8:
             total += n + 2 * n // GROUP                    # q, a float16 scale per group
         elif bits == 4:
-            total += n // 2 + 2 * n // GROUP + 8 * shape[0]  # q, two 8-bit codes per group, two float32 steps per row
+            # q, two 8-bit codes per group, two float32 steps per row
+            total += n // 2 + 2 * n // GROUP + 8 * shape[0]
         else:
             total += n * stored_dtype(source, dtype).itemsize
     return total
 
 
 def bits_per_weight(tensors, fmt):
-    """Bits per weight of the 2-D tensors (the linear layers and the embedding table), scales included."""
+    """Bits per weight of the 2-D tensors (the linear layers and the embedding table), scales
+    included."""
     matrices = {k: v for k, v in tensors.items() if len(v[0]) == 2}
-    return 8 * weight_bytes(matrices, fmt, torch.float32) / sum(math.prod(shape) for shape, _ in matrices.values())
+    n_weights = sum(math.prod(shape) for shape, _ in matrices.values())
+    return 8 * weight_bytes(matrices, fmt, torch.float32) / n_weights
 
 
 def batch_room(config, tensors, dtype, batch_tokens):
     """Memory a forward pass needs beside the weights: one batch's activations, the largest linear
     weight converted to the compute dtype (twice: the int8 -> fp32 product and its cast), and the
     runtime itself."""
-    largest = max(math.prod(shape) for k, (shape, _) in tensors.items() if len(shape) == 2 and "embed" not in k)
+    largest = max(math.prod(shape) for k, (shape, _) in tensors.items()
+                  if len(shape) == 2 and "embed" not in k)
     return activation_bytes(config, dtype) * batch_tokens + 2 * largest * 4 + RUNTIME_BYTES
 
 
@@ -271,19 +286,22 @@ def choose_format(quantize, tensors, config, dtype, batch_tokens, budget):
         raise ValueError(f"--quantize must be auto, none, int8 or int4, got {quantize!r}")
     room = batch_room(config, tensors, dtype, batch_tokens)
     sizes = {fmt: weight_bytes(tensors, fmt, dtype) for fmt in FORMATS}
-    stored = "/".join(sorted({dtype_name(stored_dtype(source, dtype)) for shape, source in tensors.values()
-                              if len(shape) == 2}))
+    stored = "/".join(sorted({dtype_name(stored_dtype(source, dtype))
+                              for shape, source in tensors.values() if len(shape) == 2}))
     free, where = budget
-    fits = [fmt for fmt in (FORMATS if quantize == "auto" else (quantize,)) if sizes[fmt] + room <= free]
+    fits = [fmt for fmt in (FORMATS if quantize == "auto" else (quantize,))
+            if sizes[fmt] + room <= free]
     if not fits:
-        raise ValueError(f"the model does not fit: its weights need {sizes['none'] / GB:.1f} GB {stored} "
-                         f"as shipped, {sizes['int8'] / GB:.1f} GB in int8 or {sizes['int4'] / GB:.1f} GB in int4, "
-                         f"plus {room / GB:.1f} GB for a batch; {where}"
+        raise ValueError(f"the model does not fit: its weights need {sizes['none'] / GB:.1f} GB "
+                         f"{stored} as shipped, {sizes['int8'] / GB:.1f} GB in int8 or "
+                         f"{sizes['int4'] / GB:.1f} GB in int4, plus {room / GB:.1f} GB for a "
+                         f"batch; {where}"
                          + ("" if quantize == "auto" else f" (--quantize {quantize})"))
     fmt = fits[0]
     name = {"none": f"as shipped, {stored}", "int8": "int8",
             "int4": f"int4 ({' and '.join(k.split('.')[0] for k in MIXED_8BIT)} in int8)"}[fmt]
     tried = FORMATS[:FORMATS.index(fmt)] if quantize == "auto" else ()
-    why = "".join(f"{'as shipped' if f == 'none' else f} they need {sizes[f] / GB:.1f} GB; " for f in tried)
+    why = "".join(f"{'as shipped' if f == 'none' else f} they need {sizes[f] / GB:.1f} GB; "
+                  for f in tried)
     why = why or (f"--quantize {fmt}; " if fmt != "none" else "")
     return fmt, f"weights: {name}, {sizes[fmt] / GB:.1f} GB ({why}{where})"
