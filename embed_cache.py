@@ -85,6 +85,8 @@ class EmbedSpec:
     def key(self, checkpoint):
         """What the cache hashes: the names and values it hashed before this class, so that those
         caches stay valid. checkpoint: the folder's checkpoint_identity; layer as stored."""
+        if self.dtype is None or self.weights == "auto":  # a request is not what made a vector
+            raise RuntimeError(f"{self}: decide() the dtype and weights before hashing the spec")
         key = {"checkpoint": checkpoint, "model": self.model, "instruction": self.instruction,
                "max_length": self.max_length, "dim": self.dim, "dtype": self.dtype,
                "pooling": self.pooling, "layer": self.layer}

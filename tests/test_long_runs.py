@@ -234,6 +234,16 @@ def test_a_full_disk_at_the_checkpoint_and_the_submission(tmp_path, tiny, monkey
     assert not (tmp_path / "sub.csv").exists() and not leftovers(tmp_path)
 
 
+def test_an_undecided_spec_is_never_hashed():
+    """dtype None and weights "auto" are requests: hashing them would key vectors by what was asked,
+    not by what computed them."""
+    for spec in (embed_cache.EmbedSpec("m"), embed_cache.EmbedSpec("m", dtype="float32"),
+                 embed_cache.EmbedSpec("m", weights="int8")):
+        with pytest.raises(RuntimeError, match="decide"):
+            spec.key("checkpoint")
+    assert embed_cache.EmbedSpec("m", dtype="float32", weights="int8").key("c")["weights"] == "int8-g32"
+
+
 @pytest.mark.parametrize("weights, eos", [("none", True), ("int8", True), ("int4", False)])
 def test_a_cache_written_before_is_found(tmp_path, tiny, monkeypatch, weights, eos):
     """The spec that keys the cache keeps its names and values: vectors cached under the spec dict
