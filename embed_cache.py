@@ -173,8 +173,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
         embedder = Qwen3Embedder.load(folder, config, device, runtime.DTYPES[spec.dtype],
                                       spec.weights, run.compile, spec.model)
         found = compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches,
-                        spec, run, lambda bad: [ids[i] if ids else i for i, t in enumerate(texts)
-                                                if t in bad], log)
+                        spec, run, row_names(texts, ids), log)
         for cache in caches.values() if found else ():
             cache.note({"fidelity": found})
         del embedder  # the model's memory is free before anything reads the vectors
@@ -184,6 +183,12 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
     compact(caches.values(), dim, log)
     return {(p, layer): Vectors(caches[p, k], text_key, dim, replace(spec, pooling=p, layer=layer))
             for p in poolings for layer, k in zip(layers, keys)}
+
+
+def row_names(texts, ids):
+    """rows_of(texts) -> the names of every row holding one of them (ids, else row indexes): what
+    an error about a text says."""
+    return lambda bad: [ids[i] if ids else i for i, t in enumerate(texts) if t in bad]
 
 
 def decide(spec, run, folder, config, device, keys):
