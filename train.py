@@ -59,6 +59,8 @@ def main(args, log=print):
 
 
 def run(args):
+    """Flags checked, rows read, vectors cached (or LoRA trained), heads fitted, checkpoint written
+    -> the results meta.json keeps."""
     spec, options = check_flags(args)
     data = load_rows(args)
     task = split_rows(args, data)
