@@ -132,13 +132,16 @@ def test_broken_head_checkpoint_and_unseen_labels(tmp_path, run, capsys):
 # ----------------------------------------------------------------------------- nothing lost
 
 def start_and_stop(argv, cache, sig, min_chunks):
-    """Start train.py, send sig once min_chunks cache chunks exist; return its stderr and exit code."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + argv, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    """Start train.py, send sig once min_chunks cache chunks exist; return its stderr and exit code.
+    The run is eager (--no-compile): a cold torch.compile cache made the first chunk come late and
+    the rest of a run so quick that it could end before the signal (once in CI)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv, "--no-compile"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
     while len(list(cache.glob("*/chunk-*.safetensors"))) < min_chunks and proc.poll() is None:
         assert time.time() < deadline
         time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the signal was sent: give it more texts"
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     return out, err, proc.returncode
@@ -171,7 +174,7 @@ def test_killed_run_resumes_with_fewer_forward_passes(tmp_path, tiny):
 def test_sigterm_writes_what_was_computed_and_the_rerun_ends_the_same(tmp_path, tiny):
     """SIGTERM (Slurm's time limit, docker stop, a notebook ending) is Ctrl-C: pending vectors
     written, one line, exit 143; the rerun computes only the rest and writes the same submission."""
-    data = write_csv(tmp_path / "big.csv", n=1500)
+    data = write_csv(tmp_path / "big.csv", n=3000)
     cache = tmp_path / "cache"
     argv = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(cache), "--cache-chunk", "100",
             "--epochs", "1", "--hidden", "8", "8", "--quiet"]
@@ -182,7 +185,7 @@ def test_sigterm_writes_what_was_computed_and_the_rerun_ends_the_same(tmp_path, 
     logs = []
     train.main(train.parse_args(argv + ["--out", str(tmp_path / "a")]), log=logs.append)
     cached, computed = embedded(next(line for line in logs if "cached" in line))
-    assert cached >= done > 0 and computed < 1500
+    assert cached >= done > 0 and computed <= 3000 - cached  # only the rows still missing
     train.main(train.parse_args(replace(argv, "--cache-dir", str(tmp_path / "fresh")) + ["--out", str(tmp_path / "b")]),
                log=lambda *_: None)  # the same run, never interrupted, on a cache of its own
     subs = []
