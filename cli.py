@@ -82,6 +82,8 @@ def add_flags(p, quantize_default="auto"):
 
 def run_options(args):
     """The shared flags as embed_cache.RunOptions (which checks them)."""
-    return RunOptions(args.device, args.max_memory, args.batch_size, args.max_batch_tokens,
-                      args.compile, args.cache_dir, args.cache_chunk, args.cache_seconds,
-                      args.fidelity_texts, not args.quiet)
+    return RunOptions(device=args.device, max_memory=args.max_memory, batch_size=args.batch_size,
+                      max_batch_tokens=args.max_batch_tokens, compile=args.compile,
+                      cache_dir=args.cache_dir, chunk_size=args.cache_chunk,
+                      chunk_seconds=args.cache_seconds, fidelity_texts=args.fidelity_texts,
+                      progress=not args.quiet)

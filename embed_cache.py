@@ -37,7 +37,7 @@ import torchrun
 import weights
 from data import DiskFullError, atomic_path
 from qwen_embed import (NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors, layer_keys,
-                        reference_vectors)
+                        reference_vectors, silent)
 from runtime import TextTooLongError
 
 MIB = 1 << 20
@@ -149,7 +149,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
     """
     rank, world, device = torchrun.distributed(runtime.pick_device(run.device))  # before GPU work
     if rank:  # logs and progress bars from rank 0 only
-        log, run = (lambda *_: None), replace(run, progress=False, fidelity_texts=0)
+        log, run = silent, replace(run, progress=False, fidelity_texts=0)
     folder = runtime.resolve_model_dir(spec.model)
     config = Qwen3Config.from_json(folder / "config.json")
     if layers == "all":

@@ -353,20 +353,19 @@ def streamed_states(folder, config, ids, device, dtype, layer=None, max_tokens=2
     file, key = embed
     shape, source = weights.read_header(file)[key]
     offset = weights.read_header(file, offsets=True)[key]
-    runs = []  # [ids, pack, cos, sin, hidden states] of each run of texts
+    runs, states = [], []  # (pack, cos, sin) of each run of texts; its hidden states (n, hidden)
     for chunk in plan_batches([len(i) for i in ids], max_tokens, ordered=True):
         flat = [t for i in chunk for t in ids[i]]
-        x = weights.read_lookup(file, offset, shape, source, flat).to(device, dtype)  # looked up
+        states.append(weights.read_lookup(file, offset, shape, source, flat).to(device, dtype))
         pack = Packing([len(ids[i]) for i in chunk], device)
-        runs.append([pack, *rope(pack.positions, config.head_dim, config.rope_theta, dtype), x])
+        runs.append((pack, *rope(pack.positions, config.head_dim, config.rope_theta, dtype)))
     for i in range(config.num_hidden_layers if layer is None else layer):
         with torch.device("meta"):
             block = Block(config)
         load_weights(block, folder, device, dtype, "none", prefix=f"layers.{i}.")
-        for run in runs:
-            run[3] = block(run[3], run[1], run[2], run[0])
+        states = [block(x, cos, sin, pack) for x, (pack, cos, sin) in zip(states, runs)]
         del block
-    x = torch.cat([run[3] for run in runs])
+    x = torch.cat(states)
     if layer is not None:
         return x
     with torch.device("meta"):
@@ -405,8 +404,7 @@ def tokenize(tokenizer, texts, instruction=None, max_length=8192, append_eos=Tru
         raise TypeError("texts must be a list of strings")
     if max_length < 1 + append_eos:
         raise ValueError(f"max_length must be >= {1 + append_eos} (one text token"
-                         f"{' and EOS' * append_eos}), "
-                         f"got {max_length}")
+                         f"{' and EOS' * append_eos}), got {max_length}")
     if instruction is not None:  # exactly the official Qwen3-Embedding query format
         texts = [f"Instruct: {instruction}\nQuery:{t}" for t in texts]
     try:
@@ -446,8 +444,6 @@ def check_encode(keys, batch_size, max_batch_tokens):
 
 
 # ----------------------------------------------------------------------------- embedder
-
-
 
 def silent(*_):  # the log of a caller that wants no lines
     pass

@@ -95,8 +95,9 @@ def run(args):
 def check_flags(args):
     """The flags checked before any work, never over the network (a Hub model's number of layers
     is checked once it is read) -> (EmbedSpec, embed_cache.RunOptions)."""
-    spec = EmbedSpec(args.model, args.instruction, args.max_length, args.pooling, args.layer,
-                     args.dim, args.dtype, args.quantize, not args.no_eos)
+    spec = EmbedSpec(args.model, instruction=args.instruction, max_length=args.max_length,
+                     pooling=args.pooling, layer=args.layer, dim=args.dim, dtype=args.dtype,
+                     weights=args.quantize, eos=not args.no_eos)
     options = cli.run_options(args)
     if not 0 <= args.val_frac < 1:
         raise ValueError(f"--val-frac must be in [0, 1), got {args.val_frac}")
