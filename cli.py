@@ -45,6 +45,15 @@ def cli(main, parse_args, argv=None):
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_ranges(checks):
+    """(flag, value, ok, what it must be) for each numeric flag: the first one not ok is a one-line
+    error, before any work."""
+    for flag, value, ok, must in checks:
+        if not ok:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise ValueError(f"{flag} must be {must}, got {shown}")
+
+
 def add_flags(p, quantize_default="auto"):
     """The flags that train.py and evaluate.py share: where and how the model runs (None: chosen by
     the device and the job, as in Qwen3Embedder) and the cache; run_options(args) turns them into

@@ -87,6 +87,21 @@ def render(template, rows):
     return [template.format_map(row) for row in rows]
 
 
+def row_texts(path, columns, rows, template, correct_answers=None, whose=""):
+    """The one way from CSV rows to the texts to embed, for training and evaluation alike: the
+    template over each row's columns, after what a row contributes (--map-correct's AnswerIsCorrect
+    column, from correct_answers: {QuestionId: the answer taken as correct}). A template may take
+    a row's own instruction from a column ("Instruct: {Task}\nQuery:{StudentExplanation}"); the
+    run-wide --instruction is applied later, when tokenizing. whose: "the checkpoint's " when the
+    template comes from a checkpoint, for the error messages."""
+    if correct_answers is not None:
+        require_columns(path, columns, ["QuestionId", "MC_Answer"], f"{whose}--map-correct")
+        add_answer_is_correct(rows, correct_answers)
+        columns = columns + ["AnswerIsCorrect"]
+    require_columns(path, columns, template_fields(template), f"{whose}--text-template")
+    return render(template, rows)
+
+
 def check_ids(path, rows, id_col):
     seen, dupes = set(), []
     for row in rows:

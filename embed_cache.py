@@ -18,9 +18,12 @@ rows asked for, and only those. Under torchrun (`torchrun --nproc_per_node=N tra
 ranks share the missing texts (torchrun.py).
 """
 
+import ast
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import importlib
 import json
 import random
 import shutil
@@ -36,8 +39,8 @@ import runtime
 import torchrun
 import weights
 from data import DiskFullError, atomic_path
-from qwen_embed import (NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors, layer_keys,
-                        reference_vectors, silent)
+from qwen_embed import (POOLINGS, NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors,
+                        layer_keys, reference_vectors, silent)
 from runtime import TextTooLongError
 
 MIB = 1 << 20
@@ -69,8 +72,9 @@ class EmbedSpec:
                              f"{' and EOS' * self.eos}), got {self.max_length}")
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"--dim must be positive, got {self.dim}")
-        if self.pooling not in ("last", "mean"):
-            raise ValueError(f"--pooling must be 'last' or 'mean', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, "
+                             f"got {self.pooling!r}")
         if self.weights not in ("auto", *weights.FORMATS):
             raise ValueError(f"--quantize must be auto or one of {weights.FORMATS}, "
                              f"got {self.weights!r}")
@@ -123,6 +127,67 @@ class RunOptions:
                 raise ValueError(f"{flag} must be positive, got {value}")
 
 
+# ------------------------------------------------------------------------ the code behind a vector
+
+# The functions and methods a vector passes through, from the text to the vector, by name: the
+# tokenizer, the forward pass, pooling and the weight formats. Each is keyed by its own name, not
+# its file, so moving code between CODE_MODULES keeps the fingerprint; a change to its math changes
+# it. Speed-only code (compile, the batch runner) and the cache itself are not on the list.
+VECTOR_CODE = (
+    "load_tokenizer", "tokenize", "Qwen3Model.forward", "Block.forward", "RMSNorm.forward",
+    "Attention.forward", "MLP.forward", "rope", "apply_rope", "Packing.__init__",
+    "Packing.attention", "Packing.to_grid", "Packing.from_grid", "causal_varlen_attn", "pool",
+    "stored_dtype", "groups", "quantize_int8", "quantize_int4", "dequantize", "Dequantize.forward",
+    "StoredLinear.forward", "StoredEmbedding.forward")
+CODE_MODULES = ("qwen_embed", "runtime", "weights")
+
+
+@functools.cache
+def code_fingerprint(names=VECTOR_CODE, modules=CODE_MODULES):
+    """(fingerprint, {name: hash}) of the code that computes a vector: each function's syntax tree
+    (no comments, docstrings dropped, no line numbers) hashed under its qualified name; the
+    fingerprint hashes them all. `python -c "import embed_cache; print(embed_cache.
+    code_fingerprint()[0])"` prints it."""
+    found = {}
+    for module in modules:
+        tree = ast.parse(Path(importlib.import_module(module).__file__).read_text("utf-8"))
+        for node in tree.body:
+            members = node.body if isinstance(node, ast.ClassDef) else [node]
+            prefix = f"{node.name}." if isinstance(node, ast.ClassDef) else ""
+            found.update({prefix + f.name: f for f in members
+                          if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))})
+    lost = [name for name in names if name not in found]
+    if lost:  # the list names code that is gone: keep it in step, or vectors would go unchecked
+        raise RuntimeError(f"embed_cache.VECTOR_CODE names {lost}, defined in none of "
+                           f"{CODE_MODULES}")
+    hashes = {name: hashlib.sha256(repr(tree_of(found[name], top=True)).encode()).hexdigest()[:16]
+              for name in names}
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16], hashes
+
+
+def tree_of(node, top=False):
+    """A syntax tree as nested tuples: node types and the fields that are set, never line numbers
+    (so reformatting changes nothing) nor empty fields (which Python versions print differently).
+    top: the function itself, whose docstring is dropped: a docstring is not code."""
+    if isinstance(node, list):
+        return tuple(tree_of(n) for n in node)
+    if not isinstance(node, ast.AST):
+        return node
+    fields = {f: getattr(node, f, None) for f in node._fields if f != "type_comment"}
+    body = fields.get("body")
+    if top and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        fields["body"] = body[1:]
+    return (type(node).__name__, *((f, tree_of(v)) for f, v in fields.items()
+                                   if v is not None and v != []))
+
+
+def changed_code(cached):
+    """The names whose code differs between a chunk's {name: hash} and the code running now."""
+    now = code_fingerprint()[1]
+    return sorted(name for name in now.keys() | cached.keys() if now.get(name) != cached.get(name))
+
+
 # ---------------------------------------------------------------------- embedding through the cache
 
 def embed(texts, model, *, layers=None, ids=None, log=print, **kw):
@@ -162,6 +227,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
               for p in poolings for k in dict.fromkeys(keys)}
     text_key = [bytes(k) for k in text_keys(texts).numpy()]
     todo, n_missing = missing(caches.values(), text_key, dim)
+    say_code(caches.values(), todo, log)
     torchrun.barrier(world)  # every rank has read the same cache before any rank writes to it
     if not todo:
         log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
@@ -183,6 +249,20 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
     compact(caches.values(), dim, log)
     return {(p, layer): Vectors(caches[p, k], text_key, dim, replace(spec, pooling=p, layer=layer))
             for p in poolings for layer, k in zip(layers, keys)}
+
+
+def say_code(caches, todo, log):
+    """One line if vectors of other code were skipped, one if chunks from before fingerprints were
+    used (Cache)."""
+    other = [functions for cache in caches for functions in cache.other_code.values()]
+    if other and todo:
+        changed = sorted({name for functions in other for name in changed_code(functions)})
+        log(f"the code that computes these vectors changed since they were cached "
+            f"({', '.join(changed)}): computing afresh")
+    legacy = sum(len(cache.legacy) for cache in caches)
+    if legacy:
+        log(f"note: {legacy} cache file(s) from before the code's fingerprint was recorded: used as "
+            f"they are (delete them to recompute with this code)")
 
 
 def row_names(texts, ids):
@@ -395,12 +475,18 @@ def runs(indices):
 
 
 class Cache:
-    """One spec's folder of chunk files."""
+    """One spec's folder of chunk files. Each chunk records the fingerprint of the code that computed
+    it (code_fingerprint, in its safetensors metadata, not in the folder's name): a chunk of other
+    code is skipped, left on disk for the code that wrote it, and its texts computed afresh; a chunk
+    written before fingerprints existed is used, and said (legacy)."""
 
     def __init__(self, cache_dir, spec):
         self.spec = spec
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
         self.dir = Path(cache_dir) / digest[:20]
+        self.code, self.functions = code_fingerprint()
+        self.other_code = {}  # fingerprint -> {name: hash} of the chunks skipped
+        self.legacy = set()  # the chunk files read that record no fingerprint
 
     def files(self):
         """The chunk files, listed again until no new one appears: a chunk that another run merged
@@ -424,12 +510,18 @@ class Cache:
                 keys, vectors = f.get_tensor("keys"), f.get_slice("vectors")
                 ok = (keys.dtype == torch.uint8 and keys.ndim == 2 and keys.shape[1] == 32
                       and vectors.get_dtype() == "F32" and vectors.get_shape() == [len(keys), dim])
+                meta = f.metadata() or {}
         except FileNotFoundError:
             return None
         except Exception:
             ok = False
         if not ok:
             self.corrupt(file)
+            return None
+        if "code" not in meta:
+            self.legacy.add(file)
+        elif meta["code"] != self.code:  # computed by other code: not ours to use, nor to delete
+            self.other_code[meta["code"]] = json.loads(meta.get("functions", "{}"))
             return None
         return [bytes(k) for k in keys.numpy()]
 
@@ -498,10 +590,14 @@ class Cache:
         if not spec_file.exists():
             with atomic_path(spec_file) as tmp:
                 tmp.write_text(json.dumps(self.spec, indent=2))
-        name = hashlib.sha256(keys.numpy().tobytes()).hexdigest()[:16]
+        # named by its texts and its code: vectors of the same texts by other code are another file
+        name = hashlib.sha256(keys.numpy().tobytes() + self.code.encode()).hexdigest()[:16]
         path = self.dir / f"chunk-{name}.safetensors"
+        code = {"code": self.code, "functions": json.dumps(self.functions)}
         with atomic_path(path) as tmp:
-            save_file({"keys": keys.contiguous(), "vectors": vectors.contiguous()}, str(tmp))
+            save_file({"keys": keys.contiguous(), "vectors": vectors.contiguous()}, str(tmp), code)
+        if self.code not in self.info().get("code", {}):  # readable beside the spec, not hashed
+            self.note({"code": {**self.info().get("code", {}), self.code: self.functions}})
         return path
 
     def compact(self, dim, max_files=COMPACT_AT):
@@ -515,9 +611,11 @@ class Cache:
         keys, read = [], []
         for file in files:
             chunk = self.read(file, dim)
-            if chunk is not None:
+            if chunk is not None and file not in self.legacy:  # legacy chunks stay as they are
                 keys += chunk
                 read.append(file)
+        if len(read) <= max_files:  # counted again: the chunks of other code are not merged
+            return
         keys = list(dict.fromkeys(keys))  # each text once
         merged = self.load(keys, dim)
         rows = torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(len(keys), 32)

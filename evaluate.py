@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 import cli
 import embed_cache
 from embed_cache import EmbedSpec
-from data import (DiskFullError, add_answer_is_correct, atomic_path, check_ids, labels_of, read_csv,
-                  render, require_columns, template_fields)
+from data import DiskFullError, atomic_path, check_ids, labels_of, read_csv, require_columns, row_texts
 from lora import add_lora, load_adapters, merge_lora
 from mlp_head import load_checkpoint, map_at_k, predict_proba, top_k
 from qwen_embed import Qwen3Embedder
@@ -79,18 +78,15 @@ def load_texts(args, spec):
     """The CSV's rows, checked against the checkpoint's spec, and their texts."""
     columns, rows = read_csv(args.data)
     require_columns(args.data, columns, [spec["id_col"]], "the checkpoint's id column")
-    if spec.get("correct_answers") is not None:  # trained with --map-correct: the answers it saw
-        require_columns(args.data, columns, ["QuestionId", "MC_Answer"],
-                        "the checkpoint's --map-correct")
-        add_answer_is_correct(rows, spec["correct_answers"])
-        columns = columns + ["AnswerIsCorrect"]
-    require_columns(args.data, columns, template_fields(spec["text_template"]),
-                    "the checkpoint's --text-template")
+    # trained with --map-correct: the answers it saw, not ones found again from these rows
+    texts = row_texts(args.data, columns, rows, spec["text_template"],
+                      spec.get("correct_answers"), whose="the checkpoint's ")
     check_ids(args.data, rows, spec["id_col"])
-    return columns, rows, render(spec["text_template"], rows)
+    return columns, rows, texts
 
 
 def main(args):
+    options = cli.run_options(args)  # the flags checked before anything is read
     heads, meta = load_checkpoint(args.checkpoint)
     saved, labels = meta["embedding"], meta["labels"]
     columns, rows, texts = load_texts(args, saved)
@@ -100,7 +96,7 @@ def main(args):
     if meta.get("lora"):
         vectors = lora_vectors(args, spec, meta["lora"], texts)
     else:
-        stored = embed_cache.ensure_cached(texts, spec, cli.run_options(args),
+        stored = embed_cache.ensure_cached(texts, spec, options,
                                            ids=[row[saved["id_col"]] for row in rows])
         if stored is None:  # a torchrun rank other than 0: its share is embedded and cached
             return None

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -20,25 +21,57 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
 class MLPHead(nn.Module):
-    """in_dim -> hidden[0] -> hidden[1] -> n_classes, activation and dropout between layers."""
+    """in_dim -> hidden[0] -> hidden[1] -> n_classes, activation and dropout between layers.
+
+    Each layer is a named attribute, so a saved head's weights are named for what they are
+    (fc1.weight), not for their place in a list: a layer added later shifts no other name."""
 
     def __init__(self, in_dim, n_classes, hidden=(1024, 512), dropout=0.2, activation="gelu",
                  input_norm=False):
         super().__init__()
         self.hparams = dict(in_dim=in_dim, n_classes=n_classes, hidden=list(hidden),
                             dropout=dropout, activation=activation, input_norm=input_norm)
-        act = ACTIVATIONS[activation]
         h1, h2 = hidden
-        self.net = nn.Sequential(
-            nn.LayerNorm(in_dim) if input_norm else nn.Identity(),
-            nn.Dropout(dropout),  # on the input too: the vectors are frozen, the main regulariser
-            nn.Linear(in_dim, h1), act(), nn.Dropout(dropout),
-            nn.Linear(h1, h2), act(), nn.Dropout(dropout),
-            nn.Linear(h2, n_classes),
-        )
+        self.input_norm = nn.LayerNorm(in_dim) if input_norm else nn.Identity()
+        # dropout on the input too: the vectors are frozen, it is the main regulariser
+        self.drop = nn.Dropout(dropout)
+        self.fc1, self.fc2 = nn.Linear(in_dim, h1), nn.Linear(h1, h2)
+        self.fc3 = nn.Linear(h2, n_classes)
+        self.act = ACTIVATIONS[activation]()
 
     def forward(self, x):  # (B, in_dim) -> (B, n_classes) logits
-        return self.net(x)
+        x = self.drop(self.input_norm(x))
+        x = self.drop(self.act(self.fc1(x)))
+        x = self.drop(self.act(self.fc2(x)))
+        return self.fc3(x)
+
+
+# Heads saved before the layers had names kept them in an nn.Sequential, named by position.
+POSITIONAL_NAMES = {"net.0.": "input_norm.", "net.2.": "fc1.", "net.5.": "fc2.", "net.8.": "fc3."}
+
+
+def head_loss(logits, y, label_smoothing=0.0):
+    """The loss every head trains on (train.py's frozen heads and LoRA alike): cross-entropy, its
+    targets smoothed by label_smoothing (0: none)."""
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+
+def load_head(hparams, tensors, source):
+    """An MLPHead from its meta.json hyperparameters and saved tensors, by name; tensors saved by
+    position (before names) are renamed. A head that does not fit names what is missing and what
+    is unexpected."""
+    head = MLPHead(**hparams)
+    for old, new in POSITIONAL_NAMES.items():
+        tensors = {new + k.removeprefix(old) if k.startswith(old) else k: v
+                   for k, v in tensors.items()}
+    mine = head.state_dict()
+    missing, unexpected = sorted(mine.keys() - tensors.keys()), sorted(tensors.keys() - mine.keys())
+    misshapen = sorted(k for k in mine.keys() & tensors.keys() if mine[k].shape != tensors[k].shape)
+    if missing or unexpected or misshapen:
+        raise ValueError(f"{source}: does not match meta.json's head: missing {missing}, "
+                         f"unexpected {unexpected}, misshapen {misshapen}")
+    head.load_state_dict(tensors)
+    return head
 
 
 def save_checkpoint(folder, heads, labels, embedding, extra=None, files=None, tensors=None):
@@ -79,13 +112,13 @@ def load_checkpoint(folder):
     for file in meta["heads"]:
         if not (folder / file).is_file():
             raise FileNotFoundError(f"{folder / file}: missing from the checkpoint")
-        head = MLPHead(**meta["head"])  # the constructor's own arguments, saved by save_checkpoint
         try:
-            head.load_state_dict(load_file(folder / file))
+            tensors = load_file(folder / file)
         except Exception as e:
-            raise ValueError(f"{folder / file}: unreadable or does not match meta.json "
+            raise ValueError(f"{folder / file}: not a readable safetensors file "
                              f"({str(e).splitlines()[0]})") from None
-        heads.append(head.eval())
+        # the constructor's own arguments, saved by save_checkpoint
+        heads.append(load_head(meta["head"], tensors, folder / file).eval())
     return heads, meta
 
 

@@ -31,6 +31,9 @@ import weights
 from runtime import plan_batches
 
 EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into this token's state
+# How a text's token states become one vector (pool): the one list that the flags, EmbedSpec,
+# encode and --compare-pooling read. "last" is what Qwen3-Embedding is trained for.
+POOLINGS = ("last", "mean")
 
 
 # ----------------------------------------------------------------------------- config
@@ -231,6 +234,8 @@ def pool(h, lengths, pooling, dim=None, normalize=True):
     (B, dim or hidden) float32. "last": the last real token (EOS, unless append_eos=False), found
     from the lengths: never search for the pad id, which in Qwen3 is the EOS id. "mean": every
     token."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if pooling == "last":
         v = h[(lengths.cumsum(0) - 1).to(h.device)].float()                         # (B, hidden)
     else:
@@ -437,8 +442,9 @@ def layer_keys(config, layers, dim=None):
 
 def check_encode(keys, batch_size, max_batch_tokens):
     """One-line errors for the encode arguments that layer_keys does not check."""
-    if any(pooling not in ("last", "mean") for pooling, _ in keys):
-        raise ValueError(f"pooling must be 'last' or 'mean', got {sorted({p for p, _ in keys})}")
+    unknown = sorted({pooling for pooling, _ in keys} - set(POOLINGS))
+    if unknown:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {unknown}")
     if any(limit is not None and limit < 1 for limit in (batch_size, max_batch_tokens)):
         raise ValueError("batch_size and max_batch_tokens must be positive")
 

@@ -29,13 +29,12 @@ import torch.nn.functional as F
 
 import cli
 import embed_cache
-from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, add_answer_is_correct, atomic_path,
-                  check_ids, kfold, labels_of, map_correct_answers, read_csv, render,
-                  require_columns, split, template_fields)
+from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, atomic_path, check_ids, kfold,
+                  labels_of, map_correct_answers, read_csv, require_columns, row_texts, split)
 from embed_cache import EmbedSpec
 from lora import add_lora, check_lora, checkpoint_blocks
-from mlp_head import ACTIVATIONS, MLPHead, map_at_k, predict_proba, save_checkpoint, top_k
-from qwen_embed import Qwen3Config, Qwen3Embedder, checkpoint_tensors
+from mlp_head import ACTIVATIONS, MLPHead, head_loss, map_at_k, predict_proba, save_checkpoint, top_k
+from qwen_embed import POOLINGS, Qwen3Config, Qwen3Embedder, checkpoint_tensors
 from runtime import dtype_name, pick_device
 
 sink = print  # where log() writes: main(args, log=...) points it elsewhere for one run
@@ -99,13 +98,25 @@ def check_flags(args):
                      pooling=args.pooling, layer=args.layer, dim=args.dim, dtype=args.dtype,
                      weights=args.quantize, eos=not args.no_eos)
     options = cli.run_options(args)
-    if not 0 <= args.val_frac < 1:
-        raise ValueError(f"--val-frac must be in [0, 1), got {args.val_frac}")
     if args.folds == 1 or args.folds < 0:
         raise ValueError(f"--folds must be 0 (one split by --val-frac) or at least 2, "
                          f"got {args.folds}")
-    if args.epochs < 1 or args.head_batch_size < 1 or args.sweep < 0:
-        raise ValueError("--epochs and --head-batch-size must be positive, --sweep not negative")
+    cli.check_ranges([  # each numeric flag's valid range, before any work (--seed: any integer)
+        ("--val-frac", args.val_frac, 0 <= args.val_frac < 1, "in [0, 1)"),
+        ("--hidden", args.hidden, min(args.hidden) >= 1, "two positive sizes"),
+        ("--dropout", args.dropout, 0 <= args.dropout < 1, "in [0, 1)"),
+        ("--epochs", args.epochs, args.epochs >= 1, "positive"),
+        ("--lr", args.lr, args.lr > 0, "positive"),
+        ("--warmup-frac", args.warmup_frac, 0 <= args.warmup_frac <= 1, "in [0, 1]"),
+        ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "0 or more"),
+        ("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing < 1, "in [0, 1)"),
+        ("--head-batch-size", args.head_batch_size, args.head_batch_size >= 1, "positive"),
+        ("--sweep", args.sweep, args.sweep >= 0, "0 (no sweep) or a number of trials"),
+        ("--lora-alpha", args.lora_alpha, args.lora_alpha > 0, "positive"),
+        ("--lora-lr", args.lora_lr, args.lora_lr > 0, "positive"),
+        ("--lora-layers", args.lora_layers, args.lora_layers is None or args.lora_layers >= 1,
+         "between 1 and the model's layers"),
+    ])
     if (args.sweep or args.layer_sweep or args.compare_pooling) and args.folds:
         raise ValueError("--sweep, --layer-sweep and --compare-pooling use one split: drop --folds")
     if args.lora_rank:  # a local config is read; a Hub model is checked once loaded
@@ -136,17 +147,14 @@ def load_rows(args):
     if args.group_col:
         require_columns(args.data, columns, [args.group_col], "--group-col")
     template, correct = args.text_template, None
-    if args.map_correct:
+    if args.map_correct:  # the answers are found from the labels: training data only
         require_columns(args.data, columns, ["QuestionId", "MC_Answer", "Category"],
                         "--map-correct")
         correct = map_correct_answers(rows)
-        add_answer_is_correct(rows, correct)
-        columns = columns + ["AnswerIsCorrect"]
         if "{AnswerIsCorrect}" not in template:
             template += CORRECT_SUFFIX
-    require_columns(args.data, columns, template_fields(template), "--text-template")
+    texts = row_texts(args.data, columns, rows, template, correct)
     check_ids(args.data, rows, args.id_col)
-    texts = render(template, rows)
     empty = [row[args.id_col] for row, t in zip(rows, texts) if not t.strip()]
     if empty:  # embedded all the same (EOS alone still gives a vector), but worth knowing
         log(f"warning: {len(empty)} rows render to an empty text, e.g. {args.id_col} {empty[:5]}")
@@ -329,7 +337,7 @@ def sample_head_config(rng):
 def layer_sweep(args, spec, options, data, task, results):
     """One forward pass pools every layer (and both poolings); then one head per (pooling, layer),
     each trained with only that layer's vectors in memory."""
-    poolings = ["last", "mean"] if args.compare_pooling else None
+    poolings = list(POOLINGS) if args.compare_pooling else None
     stored = cache_vectors(args, spec, options, data, poolings, "all" if args.layer_sweep else None)
     if stored is None:  # a torchrun rank other than 0
         return None
@@ -392,8 +400,7 @@ def train_lora(args, spec, texts, task):
         lengths = torch.tensor([len(ids[i]) for i in rows])
         flat = torch.tensor([t for i in rows for t in ids[i]]).to(embedder.device)
         v = embedder.pool(model(flat, lengths), lengths, spec.pooling, spec.dim, normalize=True)
-        return F.cross_entropy(head(v.to(head_device)), y[tr[idx]].to(head_device),
-                               label_smoothing=args.label_smoothing)
+        return head_loss(head(v.to(head_device)), y[tr[idx]].to(head_device), args.label_smoothing)
 
     def validate():
         if not len(va):
@@ -454,7 +461,7 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, tag=None):
 
     def batch_loss(idx):
         idx = idx.to(device)
-        return F.cross_entropy(head(x_tr[idx]), y_tr[idx], label_smoothing=args.label_smoothing)
+        return head_loss(head(x_tr[idx]), y_tr[idx], args.label_smoothing)
 
     best = train_loop(head, [group], len(x_tr), batch_loss,
                       lambda: evaluate_head(head, x_va, y_va, labels) if len(x_va) else None,
@@ -660,8 +667,8 @@ def parse_args(argv=None):
                    "trained")
     e.add_argument("--dim", type=int, default=None,
                    help="keep the first DIM features (Matryoshka); None: all")
-    e.add_argument("--pooling", choices=["last", "mean"], default="last",
-                   help="last (EOS) token or mean of tokens")
+    e.add_argument("--pooling", choices=POOLINGS, default="last",
+                   help="how token states become a vector: last (EOS) token or mean of tokens")
     e.add_argument("--layer", type=int, default=None, help="pool this layer's raw hidden state, 0 "
                    "= embeddings, negative from the end; None: the final normed output")
     e.add_argument("--layer-sweep", action="store_true",

@@ -1,5 +1,6 @@
-"""The docs point at real code: HOW_IT_WORKS.md's line links and the README's flags."""
+"""The docs point at real code: HOW_IT_WORKS.md's symbols and the README's flags."""
 
+import ast
 import os
 import re
 import subprocess
@@ -8,29 +9,39 @@ import sys
 from helpers import ROOT
 
 
-def test_how_it_works_links_point_at_the_code_they_name():
+def definitions(file):
+    """The names a Python file defines: top-level functions, classes and assignments, and
+    Class.method / Class.attribute for what a class defines."""
+    names = set()
+    for node in ast.parse((ROOT / file).read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        if isinstance(node, ast.ClassDef):
+            for member in node.body:
+                if isinstance(member, (ast.FunctionDef, ast.ClassDef)):
+                    names.add(f"{node.name}.{member.name}")
+                elif isinstance(member, (ast.Assign, ast.AnnAssign)):
+                    targets = member.targets if isinstance(member, ast.Assign) else [member.target]
+                    names.update(f"{node.name}.{t.id}" for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_how_it_works_names_code_that_is_defined_where_it_says():
+    """Code is named by file and symbol, never by line number: each [Symbol](file.py) link resolves
+    to a definition of that name in that file (a move or a rename shows here; an edit above it does
+    not)."""
     doc = (ROOT / "HOW_IT_WORKS.md").read_text()
-    links = re.findall(r"\[([^\]]+)\]\(([\w.]+\.py)#L(\d+)(?:-L(\d+))?\)", doc)
+    assert not re.search(r"\.py#L\d", doc), "a line-number link"
+    links = re.findall(r"\[([^\]]+)\]\(([\w./]+\.py)\)", doc)
     assert len(links) > 15
-    for label, file, start, end in links:
-        lines = (ROOT / file).read_text().splitlines()
-        assert int(start) <= int(end or start) <= len(lines), (label, file)
-        name = re.fullmatch(r"(?:[\w.]+\.py: )?([\w.]+)", label)
+    for label, file in links:
+        name = re.fullmatch(r"(?:[\w./]+\.py(?:: )?)?([\w.]*)", label)
         assert name, f"link label {label!r} should name the code it points at"
-        *outer, last = name[1].split(".")
-        line = lines[int(start) - 1]
-        assert last in line, (label, file, start)  # so edits keep it in step
-        # and in the right place: a name is defined on its line (def, class or assignment); "A.b"
-        # sits inside A (the nearest def or class above it), defined there if A is a class
-        defined = re.search(rf"(def|class) {last}\b|\b{last} = ", line)
-        if outer:
-            above = next(x for x in reversed(lines[:int(start) - 1])
-                         if re.match(rf"\s*(def|class) {outer[-1]}\b", x) or
-                         re.match(r"(def|class) ", x))
-            assert re.match(rf"\s*(def|class) {outer[-1]}\b", above), (label, file, start, above)
-            assert defined or above.lstrip().startswith("def"), (label, file, start, line)
-        else:
-            assert defined, (label, file, start, line)
+        if name[1]:
+            assert name[1] in definitions(file), f"{label}: not defined in {file}"
 
 
 def test_readme_flags_exist():
@@ -65,3 +76,49 @@ def test_every_flag_documents_its_default():
             assert shown == " ".join(str(defaults[flag.replace("-", "_")]).split()), (script, flag, shown)
             if shown == "None":  # "None" alone tells a user nothing: the help says what it means
                 assert "None:" in text or "None," in text, (script, flag, text)
+
+
+def help_actions(module, argv):
+    """{flag: argparse action} of a script's parser, --help excluded."""
+    import argparse
+    found = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        found.update({x.option_strings[0]: x for x in self._actions
+                      if x.option_strings and x.option_strings[0] != "-h"})
+        return original(self, *a, **k)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        module.parse_args(argv)
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return found
+
+
+def test_the_flag_reference_and_help_agree_both_ways():
+    """docs/flags.md has a row for each flag of --help, saying what it takes (its choices, or the
+    kind of number), and names no flag that --help lacks."""
+    import evaluate
+    import train
+    doc = (ROOT / "docs" / "flags.md").read_text()
+    sections = dict(re.findall(r"\n## (\w+\.py)\n(.*?)(?=\n## |\Z)", doc, re.S))
+    for script, module, argv in (("train.py", train, []),
+                                 ("evaluate.py", evaluate, ["--checkpoint", "c", "--data", "d"])):
+        actions = help_actions(module, argv)
+        rows = {m[1]: m[2] for m in re.finditer(r"^\| `(--[\w-]+)` \| ([^|]+) \|", sections[script],
+                                                  re.M)}
+        assert rows.keys() == actions.keys(), (script, rows.keys() ^ actions.keys())
+        for flag, action in actions.items():
+            takes = rows[flag]
+            if action.choices:
+                assert all(f"`{c}`" in takes for c in action.choices), (script, flag, takes)
+            elif action.type is int:
+                assert "integer" in takes, (script, flag, takes)
+            elif action.type is float:
+                assert "number" in takes, (script, flag, takes)
+            elif action.nargs == 0:
+                assert "nothing" in takes, (script, flag, takes)
+        named = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", sections[script]))
+        named -= {f"--no-{f[2:]}" for f, a in actions.items() if a.nargs == 0}
+        assert named <= actions.keys(), (script, named - actions.keys())

@@ -11,7 +11,7 @@ import torch
 import embed_cache
 import evaluate
 import train
-from data import add_answer_is_correct, map_correct_answers
+from data import add_answer_is_correct, map_correct_answers, read_csv, render
 from mlp_head import load_checkpoint
 from qwen_embed import Qwen3Embedder
 from helpers import count_forward_passes, write_csv
@@ -72,7 +72,7 @@ def test_fold_ensemble_evaluate_averages_heads(tmp_path, base, capsys):
     out = evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "cv"), "--data", base[1],
                                              "--cache-dir", base[5], "--quiet", "--device", "cpu"]))
     heads, meta = load_checkpoint(tmp_path / "cv")
-    x = embed_cache.embed(evaluate.render(meta["embedding"]["text_template"], evaluate.read_csv(base[1])[1]),
+    x = embed_cache.embed(render(meta["embedding"]["text_template"], read_csv(base[1])[1]),
                           base[3], max_length=512, cache_dir=base[5], progress=False, log=lambda *_: None,
                           device="cpu", dtype="float32")[None]
     each = [h(x).softmax(-1) for h in heads]

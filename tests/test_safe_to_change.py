@@ -1,0 +1,302 @@
+"""What a researcher who changes the code can rely on: vectors cached by other code are never used,
+evaluation embeds exactly as training did, heads load by name, and every numeric flag is checked
+before any forward pass."""
+
+import argparse
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import embed_cache
+import evaluate
+import train
+from helpers import PINNED, ROOT, cli_error, count_forward_passes, write_csv
+from mlp_head import load_checkpoint
+from qwen_embed import POOLINGS, pool
+
+
+# ----------------------------------------------------------------------------- vectors follow the code
+
+@pytest.fixture()
+def source(tmp_path):
+    """A copy of the product's source tree, for a researcher's edits."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for file in ROOT.glob("*.py"):
+        shutil.copy(file, src)
+    return src
+
+
+def edit(src, file, old, new):
+    text = (src / file).read_text()
+    assert text.count(old) == 1, old
+    (src / file).write_text(text.replace(old, new))
+
+
+def train_in(src, tmp_path, tiny):
+    """train.py of the copy, on the tiny checkpoint, one cache for all runs -> what it said."""
+    if not (tmp_path / "train.csv").exists():  # once: write_csv draws from torch's global RNG too
+        write_csv(tmp_path / "train.csv", n=12)
+    argv = ["--data", str(tmp_path / "train.csv"), "--model", str(tiny), *PINNED,
+            "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", "--hidden", "8", "8", "--quiet"]
+    done = subprocess.run([sys.executable, "train.py", *argv], cwd=src, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def fingerprint_in(src):
+    done = subprocess.run([sys.executable, "-c", "import embed_cache, json; "
+                           "print(json.dumps(embed_cache.code_fingerprint()))"],
+                          cwd=src, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+NORM = "h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)"
+
+
+def test_an_edit_to_the_math_recomputes_and_says_so_a_comment_or_docstring_does_not(source, tmp_path,
+                                                                                     tiny):
+    said = train_in(source, tmp_path, tiny)
+    assert "computing 12" in said
+    # a comment, a docstring and reformatting: the same code, the cached vectors are used
+    edit(source, "qwen_embed.py", NORM, NORM + "  # a researcher's note")
+    edit(source, "qwen_embed.py", '"""cos, sin of shape', '"""Angles: cos, sin of shape')
+    edit(source, "qwen_embed.py", "x = x + self.mlp(self.post_attention_layernorm(x))",
+         "x = x + self.mlp(\n            self.post_attention_layernorm(x))")
+    said = train_in(source, tmp_path, tiny)
+    assert "all 12 vectors found in the cache, no forward pass" in said, said
+    assert "changed" not in said
+    # the math: every vector is computed afresh, and the changed function is named
+    edit(source, "qwen_embed.py", NORM, NORM.replace("self.eps)", "2 * self.eps)"))
+    said = train_in(source, tmp_path, tiny)
+    assert ("the code that computes these vectors changed since they were cached "
+            "(RMSNorm.forward): computing afresh") in said
+    assert "0 cached, computing 12" in said
+    # back to the code of the first run: its vectors were kept on disk, and are used again
+    edit(source, "qwen_embed.py", NORM.replace("self.eps)", "2 * self.eps)"), NORM)
+    said = train_in(source, tmp_path, tiny)
+    assert "all 12 vectors found in the cache, no forward pass" in said
+
+
+def test_moving_a_function_between_files_keeps_the_fingerprint(source):
+    """The fingerprint keys each function by its name, not its file (the restructuring of the code
+    moves functions between files and must leave it equal)."""
+    before = fingerprint_in(source)
+    text = (source / "qwen_embed.py").read_text()
+    start = text.index("def apply_rope(")
+    end = text.index("\n\n\n", start) + 3
+    moved = text[start:end]
+    (source / "qwen_embed.py").write_text(text[:start] + text[end:].replace(
+        "import runtime\n", "import runtime\nfrom runtime import apply_rope\n", 1))
+    (source / "runtime.py").write_text((source / "runtime.py").read_text() + "\n\n" + moved)
+    assert fingerprint_in(source) == before
+    edit(source, "runtime.py", "return x * cos[:, None] + rotated * sin[:, None]",
+         "return x * cos[:, None] - rotated * sin[:, None]")
+    after = fingerprint_in(source)
+    assert after[0] != before[0]
+    assert [n for n in before[1] if before[1][n] != after[1][n]] == ["apply_rope"]
+
+
+def test_a_cache_from_before_fingerprints_is_used_with_one_note(tmp_path, tiny, monkeypatch):
+    texts = [f"text number {i}" for i in range(5)]
+    kw = dict(cache_dir=tmp_path, progress=False, device="cpu", dtype="float32")
+    first = embed_cache.embed(texts, str(tiny), log=lambda _: None, **kw)[None]
+    for chunk in tmp_path.glob("*/chunk-*.safetensors"):  # as written before: no metadata
+        with safe_open(chunk, framework="pt") as f:
+            assert f.metadata()["code"] == embed_cache.code_fingerprint()[0]
+        save_file(load_file(chunk), str(chunk))
+    calls, said = count_forward_passes(monkeypatch), []
+    got = embed_cache.embed(texts, str(tiny), log=said.append, **kw)[None]
+    assert not calls and torch.equal(got, first)
+    notes = [line for line in said if "before the code's fingerprint was recorded" in line]
+    assert len(notes) == 1 and "used as they are" in notes[0]
+
+
+def test_the_function_list_names_only_code_that_exists(monkeypatch):
+    with pytest.raises(RuntimeError, match="NoSuchClass.forward"):
+        embed_cache.code_fingerprint(("pool", "NoSuchClass.forward"))
+    fingerprint, functions = embed_cache.code_fingerprint()
+    assert set(functions) == set(embed_cache.VECTOR_CODE) and len(fingerprint) == 16
+
+
+# ------------------------------------------------------------------ evaluation embeds as training did
+
+def test_per_row_instruction_evaluation_computes_the_vectors_training_cached(tmp_path, tiny):
+    """A template that takes each row's instruction from a column: evaluate.py, with an empty cache
+    of its own, computes exactly the vectors training cached (the same spec folder, the same vector
+    for every text)."""
+    data = write_csv(tmp_path / "plain.csv", n=16)
+    with open(data, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, row in enumerate(rows):
+        row["Task"] = ["Find the misconception", "Is the answer right?"][i % 2]
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    template = "Instruct: {Task}\nQuery:{StudentExplanation}"
+    train.main(train.parse_args(["--data", str(tmp_path / "train.csv"), "--model", str(tiny), *PINNED,
+                                 "--text-template", template, "--cache-dir", str(tmp_path / "a"),
+                                 "--epochs", "1", "--hidden", "8", "8", "--quiet", "--out",
+                                 str(tmp_path / "run")]), log=lambda _: None)
+    evaluate.main(evaluate.parse_args(["--checkpoint", str(tmp_path / "run"), "--data",
+                                       str(tmp_path / "train.csv"), "--cache-dir",
+                                       str(tmp_path / "b"), "--quiet"]))
+
+    def vectors(cache):
+        (folder,) = [p.name for p in cache.iterdir()]
+        found = {}
+        for chunk in (cache / folder).glob("chunk-*.safetensors"):
+            t = load_file(chunk)
+            found.update({bytes(k): v for k, v in zip(t["keys"].numpy(), t["vectors"])})
+        return folder, found
+
+    (folder_a, trained), (folder_b, evaluated) = vectors(tmp_path / "a"), vectors(tmp_path / "b")
+    assert folder_a == folder_b and len(trained) == 16 and trained.keys() == evaluated.keys()
+    assert all(torch.equal(trained[k], evaluated[k]) for k in trained)
+
+
+# ----------------------------------------------------------------------------- heads by name
+
+def old_head(in_dim, n_classes, hidden, input_norm):
+    """The head as saved before its layers had names: an nn.Sequential, named by position."""
+    return nn.Sequential(nn.LayerNorm(in_dim) if input_norm else nn.Identity(), nn.Dropout(0.2),
+                         nn.Linear(in_dim, hidden[0]), nn.GELU(), nn.Dropout(0.2),
+                         nn.Linear(hidden[0], hidden[1]), nn.GELU(), nn.Dropout(0.2),
+                         nn.Linear(hidden[1], n_classes))
+
+
+@pytest.mark.parametrize("input_norm", [False, True])
+def test_a_head_saved_by_position_loads_and_predicts_the_same(tmp_path, input_norm):
+    torch.manual_seed(0)
+    net = old_head(16, 5, [12, 8], input_norm).eval()
+    if input_norm:  # not the identity, so that a lost LayerNorm shows
+        nn.init.normal_(net[0].weight)
+        nn.init.normal_(net[0].bias)
+    save_file({f"net.{k}": v.contiguous() for k, v in net.state_dict().items()},
+              str(tmp_path / "head.safetensors"))
+    hparams = dict(in_dim=16, n_classes=5, hidden=[12, 8], dropout=0.2, activation="gelu",
+                   input_norm=input_norm)
+    (tmp_path / "meta.json").write_text(json.dumps({"labels": list("abcde"), "head": hparams,
+                                                    "embedding": {}, "heads": ["head.safetensors"]}))
+    (head,), _ = load_checkpoint(tmp_path)
+    x = torch.randn(7, 16)
+    assert torch.equal(head(x), net(x))
+    assert "fc1.weight" in head.state_dict()
+
+
+def test_a_head_that_does_not_match_its_meta_names_the_weights(tmp_path):
+    net = old_head(16, 5, [12, 8], False)
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    state["fc4.weight"] = torch.zeros(2, 2)
+    del state["net.8.bias"]
+    save_file(state, str(tmp_path / "head.safetensors"))
+    hparams = dict(in_dim=16, n_classes=5, hidden=[12, 9], dropout=0.2, activation="gelu",
+                   input_norm=False)
+    (tmp_path / "meta.json").write_text(json.dumps({"labels": list("abcde"), "head": hparams,
+                                                    "embedding": {}, "heads": ["head.safetensors"]}))
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(tmp_path)
+    message = str(e.value)
+    assert "missing ['fc3.bias']" in message and "unexpected ['fc4.weight']" in message
+    assert "misshapen ['fc2.bias', 'fc2.weight', 'fc3.weight']" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- one list of poolings
+
+def test_one_list_of_poolings_and_pool_refuses_an_unknown_name():
+    assert train.parse_args([]).pooling in POOLINGS
+    action = next(a for a in parser_of(train.parse_args, []) if a.dest == "pooling")
+    assert tuple(action.choices) == POOLINGS
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool(torch.randn(5, 4), torch.tensor([2, 3]), "max")
+    with pytest.raises(ValueError, match="--pooling must be one of"):
+        embed_cache.EmbedSpec("m", pooling="max")
+
+
+# ----------------------------------------------------------------------------- every flag checked
+
+def parser_of(parse_args, argv):
+    """The actions of the parser parse_args builds."""
+    found = []
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        found.extend(self._actions)
+        return original(self, *a, **k)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        parse_args(argv)
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return found
+
+
+# Each numeric flag with an invalid range, and a value out of it; the flags with none.
+BAD = {"--val-frac": "1", "--folds": "-1", "--max-length": "1", "--dim": "0", "--layer": "9",
+       "--hidden": ["0", "8"], "--dropout": "1", "--epochs": "0", "--lr": "0", "--warmup-frac": "1.5",
+       "--weight-decay": "-0.1", "--label-smoothing": "1.5", "--head-batch-size": "0",
+       "--sweep": "-1", "--lora-rank": "-1", "--lora-alpha": "0", "--lora-layers": "0",
+       "--lora-lr": "0", "--fidelity-texts": "-1", "--max-memory": "0", "--batch-size": "0",
+       "--max-batch-tokens": "0", "--cache-chunk": "0", "--cache-seconds": "0"}
+NO_INVALID = {"--seed"}  # any integer seeds the generators
+
+
+def numeric_flags(parse_args, argv):
+    return [a.option_strings[0] for a in parser_of(parse_args, argv) if a.type in (int, float)]
+
+
+def test_every_numeric_flag_is_listed_here():
+    flags = set(numeric_flags(train.parse_args, [])) | set(
+        numeric_flags(evaluate.parse_args, ["--checkpoint", "c", "--data", "d"]))
+    assert flags == set(BAD) | NO_INVALID
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny):
+    tmp = tmp_path_factory.mktemp("flags")
+    data = write_csv(tmp / "train.csv", n=16)
+    argv = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(tmp / "cache"),
+            "--epochs", "1", "--hidden", "8", "8", "--quiet"]
+    train.main(train.parse_args(argv + ["--out", str(tmp / "run")]), log=lambda _: None)
+    return tmp, argv
+
+
+@pytest.mark.parametrize("flag", sorted(BAD))
+def test_an_out_of_range_flag_is_one_line_before_any_forward_pass(flag, trained, monkeypatch):
+    tmp, argv = trained
+    value = BAD[flag] if isinstance(BAD[flag], list) else [BAD[flag]]
+    calls = count_forward_passes(monkeypatch)
+    shown = " ".join(value)
+    if flag in numeric_flags(train.parse_args, []):
+        message = cli_error(train, argv + [flag, *value, "--cache-dir", str(tmp / "fresh")])
+        assert flag in message and shown in message, message
+    if flag in numeric_flags(evaluate.parse_args, ["--checkpoint", "c", "--data", "d"]):
+        message = cli_error(evaluate, ["--checkpoint", str(tmp / "run"), "--data",
+                                       str(tmp / "train.csv"), "--cache-dir", str(tmp / "fresh"),
+                                       "--quiet", flag, *value])
+        assert flag in message and shown in message, message
+    assert not calls
+
+
+def test_label_smoothing_reaches_the_loss():
+    """Label smoothing reaches the loss: with smoothing the loss of a confident head is higher."""
+    from mlp_head import head_loss
+    logits, y = torch.tensor([[8.0, 0.0, 0.0]]), torch.tensor([0])
+    assert head_loss(logits, y, 0.3) > head_loss(logits, y, 0.0) + 0.5
+
+
+def test_label_smoothing_out_of_range_says_its_range(trained):
+    tmp, argv = trained
+    assert re.search(r"--label-smoothing must be in \[0, 1\), got 1.5",
+                     cli_error(train, argv + ["--label-smoothing", "1.5"]))
