@@ -135,10 +135,12 @@ class RunOptions:
 # it. Speed-only code (compile, the batch runner) and the cache itself are not on the list.
 VECTOR_CODE = (
     "load_tokenizer", "tokenize", "Qwen3Model.forward", "Block.forward", "RMSNorm.forward",
-    "Attention.forward", "MLP.forward", "rope", "apply_rope", "Packing.__init__",
-    "Packing.attention", "Packing.to_grid", "Packing.from_grid", "causal_varlen_attn", "pool",
-    "stored_dtype", "groups", "quantize_int8", "quantize_int4", "dequantize", "Dequantize.forward",
-    "StoredLinear.forward", "StoredEmbedding.forward")
+    "Attention.forward", "MLP.forward", "rope", "apply_rope", "sdpa_attention", "Packing.__init__",
+    "Packing.attention", "Packing.to_grid", "Packing.from_grid", "varlen_attention",
+    "causal_varlen_attn", "pool", "stored_dtype", "groups", "quantize_int8", "quantize_int4",
+    "dequantize", "Dequantize.forward", "StoredLinear.forward", "StoredEmbedding.forward",
+    "power_of_two_at_least", "Float16Linear.__init__", "Float16Linear.forward",
+    "Float16Linear.weight16", "float16_attention", "guard_float16")
 CODE_MODULES = ("qwen_embed", "runtime", "weights")
 
 
@@ -212,6 +214,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
     (measure_fidelity), the figures kept in the cache's spec.json. Under torchrun each rank embeds
     a share of the missing texts, balanced by tokens; rank 0 gets the handles, the others None.
     """
+    requested = spec.dtype
     rank, world, device = torchrun.distributed(runtime.pick_device(run.device))  # before GPU work
     if rank:  # logs and progress bars from rank 0 only
         log, run = silent, replace(run, progress=False, fidelity_texts=0)
@@ -236,6 +239,12 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
             f"on {device} in {spec.dtype}" + (f", {world} processes" if world > 1 else ""))
         say_size(len(todo), len(texts), len(caches), dim, run.cache_dir, model_bytes, log)
         log(why)
+        if spec.dtype == "float16":
+            log(runtime.FLOAT16_LINE)
+            float32 = Cache(run.cache_dir, replace(spec, dtype="float32").key(checkpoint))
+            if requested is None and float32.dir.is_dir():  # a T4's default was float32 before
+                log(f"float16 is this GPU's default now: computing afresh; the float32 vectors "
+                    f"cached before stay valid for --dtype float32 ({float32.dir})")
         embedder = Qwen3Embedder.load(folder, config, device, runtime.DTYPES[spec.dtype],
                                       spec.weights, run.compile, spec.model)
         found = compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches,

@@ -134,8 +134,9 @@ def parse_args(argv=None):
                    help="CSV to predict; scored when it has the label columns")
     p.add_argument("--out", default=None, help="write a submission CSV here (id, three "
                    "space-separated labels); None: none is written")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="compute dtype; None: the checkpoint's, so that the vectors are the ones "
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="compute dtype (float16: guarded, as in train.py); None: the checkpoint's, "
+                   "so that the vectors are the ones "
                    "its head was trained on")
     p.add_argument("--head-device", default=None,
                    help="where the heads predict; None: the embedding device")

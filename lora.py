@@ -30,7 +30,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.scale = base, alpha / rank
         # float32 even when the base is bf16: early updates are far below bf16's resolution of W.
-        kw = dict(device=base.weight.device, dtype=torch.float32)
+        device = next(base.buffers(), None)  # nn.Linear: its weight; stored or float16: a buffer
+        kw = dict(device=(base.weight if device is None else device).device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as peft does

@@ -111,16 +111,30 @@ def apply_rope(x, cos, sin):  # x: (N, heads, head_dim); cos, sin: (N, head_dim)
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def sdpa_attention(q, k, v, pack):
+    """Causal attention per text of a packed batch: q (N, n_head, d); k, v (N, n_kv, d) -> (N, n_head,
+    d). The model's attention function (Qwen3Model.attend); runtime.py hands it FlashAttention on
+    the packed tokens instead where that runs (speed only), weights.py wraps it for float16."""
+    # SDPA wants a rectangle, so scatter into a right-padded (B, heads, T, d) grid. Right padding
+    # needs no padding mask: under the causal mask a real token attends only to earlier positions,
+    # and every pad comes after every real token of its row. So plain is_causal=True is exact, SDPA
+    # may take its fastest kernels, and the pad rows are dropped.
+    q, k, v = (pack.to_grid(t) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=q.shape[-1] ** -0.5,
+                                         enable_gqa=True)  # (B, n_head, T, d)
+    return pack.from_grid(out)
+
+
 class Packing:
     """A batch is packed: the real tokens of all its texts concatenated, no padding, so the matmuls
     (almost all of the work) never touch a pad token; only attention must see the texts apart.
     lengths: (B,) tokens per text, on the host; text b owns tokens cu[b] : cu[b + 1]. Computed on
     the host and copied to the device once, so the device never waits for a length to be read back.
-    varlen: attend on the packed tokens with FlashAttention (runtime.py; speed only)."""
+    attend: the attention function (q, k, v, pack) -> out."""
 
-    def __init__(self, lengths, device, varlen=False):
+    def __init__(self, lengths, device, attend=sdpa_attention):
         lengths = torch.as_tensor(lengths, dtype=torch.long, device="cpu")
-        self.B, self.max_len, self.varlen = len(lengths), int(lengths.max()), varlen
+        self.B, self.max_len, self.attend = len(lengths), int(lengths.max()), attend
         cu = F.pad(lengths.cumsum(0), (1, 0))                         # (B+1,) start offsets, then N
         seq = torch.repeat_interleave(torch.arange(self.B), lengths)  # (N,) which text
         positions = torch.arange(int(cu[-1])) - cu[seq]               # (N,) restart at 0 per text
@@ -130,16 +144,7 @@ class Packing:
 
     def attention(self, q, k, v):
         """Causal attention per text: q (N, n_head, d); k, v (N, n_kv, d) -> (N, n_head, d)."""
-        if self.varlen:
-            return runtime.causal_varlen_attn(q, k, v, self.cu, self.max_len)
-        # SDPA wants a rectangle, so scatter into a right-padded (B, heads, T, d) grid. Right
-        # padding needs no padding mask: under the causal mask a real token attends only to earlier
-        # positions, and every pad comes after every real token of its row. So plain is_causal=True
-        # is exact, SDPA may take its fastest kernels, and the pad rows are dropped.
-        q, k, v = (self.to_grid(t) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=q.shape[-1] ** -0.5,
-                                             enable_gqa=True)  # (B, n_head, T, d)
-        return self.from_grid(out)
+        return self.attend(q, k, v, self)
 
     def to_grid(self, t):  # (N, h, d) -> (B, h, T, d), zeros after each text
         grid = t.new_zeros(self.B * self.max_len, *t.shape[1:])  # (B * T, h, d)
@@ -205,16 +210,17 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attend = sdpa_attention  # the attention function: an add-on may hand in another
 
-    def forward(self, input_ids, lengths, return_layers=False, varlen=False):
+    def forward(self, input_ids, lengths, return_layers=False, attend=None):
         """input_ids: (N,) the texts' tokens concatenated; lengths: (B,) tokens per text, on host.
 
         Returns the final normed hidden states (N, hidden). With return_layers, also the list of
         num_hidden_layers + 1 residual-stream states (embeddings, then after each layer), un-normed.
-        varlen: attention by FlashAttention on the packed tokens (speed only; Packing).
+        attend: this call's attention function (None: self.attend).
         """
         x = self.embed_tokens(input_ids)  # (N, hidden)
-        pack = Packing(lengths, x.device, varlen)
+        pack = Packing(lengths, x.device, attend or self.attend)
         # RoPE angles are computed here, not kept as buffers: a buffer built on the meta device
         # would stay empty after loading. Positions restart at 0 for every text.
         cos, sin = rope(pack.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -480,6 +486,8 @@ class Qwen3Embedder:
                                          runtime.room_batch_tokens(config, device, dtype),
                                          runtime.memory_budget(device, max_memory))
         (log or silent)(why)
+        if dtype == torch.float16:
+            (log or silent)(runtime.FLOAT16_LINE)
         return cls.load(folder, config, device, dtype, fmt, compile, str(name_or_path))
 
     @classmethod
@@ -488,8 +496,12 @@ class Qwen3Embedder:
         from_pretrained, or once for a whole run by its caller): nothing is decided here."""
         with torch.device("meta"):  # shapes only: no memory, no random init
             model = Qwen3Model(config)
+        # float16 is guarded: the model runs in float32, its matmuls on scaled float16 (weights.py)
+        compute = torch.float32 if dtype == torch.float16 else dtype
         with runtime.compact_heap():
-            load_weights(model, folder, device, dtype, fmt)
+            load_weights(model, folder, device, compute, fmt)
+        if dtype == torch.float16:
+            weights.guard_float16(model)
         return cls(model.eval(), load_tokenizer(folder), device, dtype, name or str(folder),
                    compile, fmt, folder)
 
@@ -564,6 +576,7 @@ def reference_vectors(embedder, texts, instruction=None, max_length=8192, poolin
     ids = embedder.tokenize(texts, instruction, max_length, append_eos)
     config = embedder.model.config
     key = layer_keys(config, [layer])[0]
-    h = streamed_states(embedder.folder, config, ids, embedder.device, embedder.dtype, key,
-                        runtime.default_batch_tokens(config, embedder.device, embedder.dtype))
+    dtype = torch.float32 if embedder.dtype == torch.float16 else embedder.dtype  # never plain fp16
+    h = streamed_states(embedder.folder, config, ids, embedder.device, dtype, key,
+                        runtime.default_batch_tokens(config, embedder.device, dtype))
     return pool(h, torch.tensor([len(i) for i in ids]), pooling, dim, True).cpu()

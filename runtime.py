@@ -60,13 +60,21 @@ def cpu_has_native_bf16():
                for name in ("avx512_bf16", "amx_tile"))
 
 
+FLOAT16_LINE = ("float16, guarded: every matmul in float16 on inputs scaled per row by a power of "
+                "two, everything between matmuls in float32 (plain float16 overflows on Qwen3)")
+
+
 def default_dtype(device):
     """bf16 where the hardware computes it natively: CUDA from compute capability 8.0 (Ampere) and
-    CPUs with AVX-512 BF16 or AMX. Elsewhere float32: a T4, V100 or P100 has no bf16 tensor cores,
-    and float16 is no way out (Qwen3's MLP activations overflow it: NaN vectors). MPS: float32, as
-    nothing faster has been measured there."""
+    CPUs with AVX-512 BF16 or AMX. CUDA 7.0 to 7.5 (V100, T4: float16 tensor cores, no bf16):
+    guarded float16 (weights.guard_float16; plain float16 overflows on Qwen3's activations). Older
+    GPUs (P100, P4, P40: float16 at a fraction of their float32 rate), MPS and other CPUs:
+    float32."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16
+        return torch.float16 if major == 7 else torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return torch.float32
@@ -96,11 +104,8 @@ def pick_device_dtype(device=None, dtype=None):
     device = pick_device(device)
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     dtype = default_dtype(device) if dtype is None else dtype
-    if dtype == torch.float16:
-        raise ValueError("float16 is not supported: Qwen3's activations overflow it; use bfloat16 "
-                         "or float32")
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"unknown dtype {dtype!r} (use 'bfloat16' or 'float32')")
+    if dtype not in (torch.bfloat16, torch.float32, torch.float16):  # float16: always guarded
+        raise ValueError(f"unknown dtype {dtype!r} (use 'bfloat16', 'float32' or 'float16')")
     return device, dtype
 
 
@@ -205,7 +210,8 @@ def default_batch_tokens(config, device, dtype, keep_layers=False):
     with keep_layers, every layer's output too), between 1024 and 65536: a GPU
     needs tens of thousands of tokens per matmul to be busy, and texts are sorted by length, so a
     big batch costs no extra padding."""
-    kept = keep_layers * (config.num_hidden_layers + 1) * config.hidden_size * dtype.itemsize
+    itemsize = 4 if dtype == torch.float16 else dtype.itemsize  # guarded float16 keeps float32
+    kept = keep_layers * (config.num_hidden_layers + 1) * config.hidden_size * itemsize
     if device.type != "cuda":
         return 2048 if not kept else int(max(64, min(2048, (256 << 20) // kept)))
     free = torch.cuda.mem_get_info(device)[0]
@@ -223,8 +229,11 @@ def room_batch_tokens(config, device, dtype, keep_layers=False):
 
 def activation_bytes(c, dtype):
     """Bytes of one layer's live activations per token: q, k, v, the attention output and the padded
-    grid, the MLP's three intermediate-wide tensors and a few residual-wide ones."""
-    return dtype.itemsize * (8 * c.hidden_size + 3 * c.intermediate_size
+    grid, the MLP's three intermediate-wide tensors and a few residual-wide ones. Guarded float16
+    keeps them in float32 between the matmuls: 4 bytes each (the float16 copies of a matmul's input
+    live only during that matmul)."""
+    itemsize = 4 if dtype == torch.float16 else dtype.itemsize
+    return itemsize * (8 * c.hidden_size + 3 * c.intermediate_size
                              + 4 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim)
 
 
@@ -239,6 +248,12 @@ except ImportError:
 
 def varlen_usable(device, dtype):
     return varlen_attn is not None and device.type == "cuda" and dtype == torch.bfloat16
+
+
+def varlen_attention(q, k, v, pack):
+    """The model's attention function (qwen_embed.sdpa_attention) on the packed tokens themselves,
+    by FlashAttention: no grid, no padding (CUDA, bf16; speed only)."""
+    return causal_varlen_attn(q, k, v, pack.cu, pack.max_len)
 
 
 def causal_varlen_attn(q, k, v, cu, max_len):
@@ -328,7 +343,7 @@ def run_batches(model, ids, max_tokens, max_texts, need_layers, device, fast, lo
         flat = torch.tensor([t for i in batch for t in ids[i]]).to(device)
         try:
             out = model(flat, torch.tensor([lengths[i] for i in batch]), return_layers=need_layers,
-                        varlen=fast.varlen)
+                        attend=varlen_attention if fast.varlen else None)
         except Exception as e:  # out of memory, or a fast path that does not work here
             out_of_memory = is_out_of_memory(e)
             if not out_of_memory and not fast.fall_back(model, e):

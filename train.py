@@ -677,8 +677,9 @@ def parse_args(argv=None):
                    help="the same for last and mean pooling")
     e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="compute dtype; None: bfloat16 on CUDA GPUs of compute capability 8.0+ "
-                   "and on CPUs with native bf16 (AVX-512 BF16, AMX), else float32 (float16 is "
-                   "refused: Qwen3 overflows it)")
+                   "and on CPUs with native bf16 (AVX-512 BF16, AMX), guarded float16 on 7.0-7.5 "
+                   "(T4, V100), else float32. float16 is always guarded: matmuls in float16 on "
+                   "inputs scaled into range, everything between them in float32")
     cli.add_flags(e)
     add_head_flags(p)
     return p.parse_args(argv)

@@ -228,6 +228,79 @@ def apply_format(model, stored, dtype):
         setattr(model.get_submodule(parent), attr, new)
 
 
+# ----------------------------------------------------------------------------- guarded float16
+
+# GPUs without bf16 (T4, V100: compute capability 7.x) have float16 tensor cores, 8x their float32
+# rate on a T4. Plain float16 overflows on Qwen3 (NaN vectors, QwenLM/Qwen3-Embedding#164): not in
+# the matmuls, which accumulate in float32, but in the values between them. Trained LLMs grow a few
+# residual-stream channels past 65,504 on a few tokens, and silu(gate) * up past it for the same
+# tokens. So here only the matmuls see float16, on inputs scaled into range: the residual stream,
+# the norms, silu(gate) * up, RoPE and the pooled vectors stay float32 (the model runs in float32,
+# guard_float16 swaps its linear layers and wraps its attention: its forward is unchanged).
+
+def power_of_two_at_least(t):
+    """2 ** ceil(log2(t)) elementwise (1 where t is 0): dividing by a power of two is exact, so the
+    scaling adds no rounding of its own. t = m * 2 ** e with m in [0.5, 1): 2 ** e >= t."""
+    _, exponent = torch.frexp(t)
+    return torch.ldexp(torch.ones_like(t), exponent)
+
+
+class Float16Linear(nn.Module):
+    """x @ W.T on float16 tensor cores for a float32 x: each row of x divided by a power of two at
+    least its largest |value|, each row of W by one at least its L2 norm, so |x16| <= 1, ||w16|| <=
+    1 and every output |y16| <= sqrt(in_features) (111 for the 8B's widest layer): far inside
+    float16's 65,504 whatever the activations. The product is scaled back in float32. base: an
+    nn.Linear, or a StoredLinear (int8, int4 or as shipped), dequantized here at each call."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        quantized = isinstance(base, StoredLinear) and base.weight.dtype in (torch.int8, torch.uint8)
+        w = base.full_weight(torch.float32) if isinstance(base, StoredLinear) else base.weight.float()
+        row_scale = power_of_two_at_least(w.norm(dim=1))  # (out,)
+        self.register_buffer("row_scale", row_scale)
+        if quantized:  # kept in its stored form, as small as it was: dequantized at each call
+            self.base = base
+        else:  # as shipped: converted once, float16 in place of bf16 (the same memory)
+            self.register_buffer("weight", (w / row_scale[:, None]).half())
+            self.base = None
+
+    def weight16(self):  # (out, in) float16, rows of L2 norm <= 1
+        if self.base is None:
+            return self.weight
+        return (self.base.full_weight(torch.float32) / self.row_scale[:, None]).half()
+
+    def forward(self, x):  # (N, in) float32 -> (N, out) float32
+        x_scale = power_of_two_at_least(x.abs().amax(-1, keepdim=True))  # (N, 1)
+        y = F.linear((x / x_scale).half(), self.weight16())  # float32 accumulation inside
+        return y.float() * (x_scale * self.row_scale)
+
+
+def float16_attention(attend):
+    """The model's attention function in float16: q and k as they are (RMSNorm'd per head, so
+    bounded by sqrt(head_dim) times the norm's weight), v divided by a power of two at least its
+    largest |value| (the output is a weighted mean of v's rows, so it scales back exactly). SDPA
+    accumulates the scores and the softmax in float32."""
+    def guarded(q, k, v, pack):
+        v_scale = power_of_two_at_least(v.abs().amax())
+        return attend(q.half(), k.half(), (v / v_scale).half(), pack).float() * v_scale
+    return guarded
+
+
+def guard_float16(model):
+    """The one call site: every linear layer of a float32-loaded model swapped for Float16Linear,
+    its attention wrapped (float16_attention). The embedding table is a lookup, no matmul: it stays.
+    On CUDA, cuBLAS is told to keep float16 GEMMs' reductions in float32."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Linear, StoredLinear)):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, Float16Linear(module))
+    model.attend = float16_attention(model.attend)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    return model
+
+
 # ----------------------------------------------------------------------------- choosing a format
 
 def read_header(file, offsets=False):

@@ -1,5 +1,5 @@
-"""The CUDA path in bfloat16: fidelity to the float32 reference, batch invariance, varlen against
-padded attention, compiled against eager. Skipped without a GPU; run them wherever one is lent."""
+"""The CUDA path in bfloat16 and guarded float16: fidelity to the float32 reference, batch
+invariance, varlen against padded attention, compiled against eager. Skipped without a GPU; run them wherever one is lent."""
 
 import pytest
 import torch
@@ -95,3 +95,16 @@ def test_head_trains_on_the_gpu_with_the_same_numbers_for_the_same_seed():
     assert next(head_a.parameters()).device.type == "cpu"  # handed back on the CPU, ready to save
     a, b = a.scores, b.scores
     assert a.loss == b.loss and torch.equal(a.probs, b.probs) and a.map3 >= 0.95
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_guarded_float16_matches_the_fp32_reference(model_dir, reference, quantize):
+    """What a T4 runs by default, on whatever GPU is lent: float16 tensor cores, float32 between."""
+    ours = Qwen3Embedder.from_pretrained(model_dir, dtype="float16", quantize=quantize, compile=False)
+    assert not torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+    got = ours.encode(MIXED_TEXTS, progress=False)
+    fp32 = Qwen3Embedder.from_pretrained(model_dir, dtype="float32", quantize=quantize).encode(
+        MIXED_TEXTS, progress=False)
+    assert cosines(got, fp32).min() >= 0.9995
+    if quantize == "none":
+        assert cosines(got, reference).min() >= 0.9995

@@ -77,11 +77,11 @@ def fail_above(monkeypatch, max_tokens):
     original = Qwen3Model.forward
     sizes = []
 
-    def forward(self, input_ids, lengths, return_layers=False, varlen=False):
+    def forward(self, input_ids, lengths, return_layers=False, attend=None):
         sizes.append((len(input_ids), len(lengths)))
         if len(input_ids) > max_tokens:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return original(self, input_ids, lengths, return_layers, varlen)
+        return original(self, input_ids, lengths, return_layers, attend)
 
     monkeypatch.setattr(Qwen3Model, "forward", forward)
     return sizes

@@ -64,7 +64,6 @@ def test_bad_csv_files(tmp_path, run, content, message):
     ("--max-length", "1", "--max-length must be at least 2"),
     ("--device", "tpu", "unknown device 'tpu'"),
     ("--max-memory", "0", "--max-memory must be positive, got 0"),
-    ("--dtype", "float16", "float16 is not supported"),
     ("--folds", "1", "--folds must be 0"),
     ("--cache-chunk", "0", "--cache-chunk must be positive, got 0"),
     ("--max-batch-tokens", "0", "--max-batch-tokens must be positive, got 0"),

@@ -363,9 +363,11 @@ def test_memory_budget_follows_the_device_and_the_ranks(monkeypatch):
 
 def test_compute_dtype_by_device(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    for capability, dtype in (((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+    # P100 (6.0): float32; V100 (7.0) and T4 (7.5): float16 tensor cores, no bf16: guarded float16
+    for capability, dtype in (((6, 0), torch.float32), ((6, 1), torch.float32), ((7, 0), torch.float16),
+                              ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
-        assert runtime.default_dtype(cuda) == dtype, capability  # a T4 (7.5) has no bf16 tensor cores
+        assert runtime.default_dtype(cuda) == dtype, capability
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda n=native: n)
         assert runtime.default_dtype(cpu) == dtype
