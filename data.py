@@ -1,4 +1,5 @@
-"""Rows in, texts and labels out: CSV reading, text templates, validation splits, atomic writes.
+"""Rows in, texts and labels out: CSV reading, text templates, validation splits, atomic writes,
+and the CSV tables a run keeps.
 
 Shared by train.py and evaluate.py. Errors are ValueError/FileNotFoundError with one line that
 names the file, row or flag; the command-line scripts print that line and exit non-zero
@@ -8,6 +9,7 @@ names the file, row or flag; the command-line scripts print that line and exit n
 import contextlib
 import csv
 import errno
+import io
 import os
 import random
 import shutil
@@ -235,3 +237,23 @@ def atomic_path(path):
                             f"kept") from None
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def table_csv(rows):
+    """Rows of dicts -> CSV text, the columns in order of first appearance, numbers at full
+    precision."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    out = io.StringIO()
+    w = csv.DictWriter(out, columns, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return out.getvalue()
+
+
+def write_tables(folder, tables, files=None):
+    """A folder of CSV tables (and other text files), written whole under a temporary name."""
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        texts = {**{name: table_csv(rows) for name, rows in tables.items()}, **(files or {})}
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")

@@ -15,13 +15,14 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 import cli
-import embed_cache
-from embed_cache import EmbedSpec
-from data import DiskFullError, atomic_path, check_ids, labels_of, read_csv, require_columns, row_texts
-from lora import add_lora, load_adapters, merge_lora
+from at_scale import embed_cache
+from at_scale.embed_cache import EmbedSpec
+from at_scale.embedder import Embedder
+from at_scale.lora import add_lora, load_adapters, merge_lora
+from at_scale.runtime import default_dtype, dtype_name, pick_device
+from data import (DiskFullError, atomic_path, check_ids, labels_of, read_csv, require_columns,
+                  row_texts)
 from mlp_head import load_checkpoint, map_at_k, predict_proba, top_k
-from qwen_embed import Qwen3Embedder
-from runtime import default_dtype, dtype_name, pick_device
 
 
 def write_submission(path, ids, predictions, id_col, label_cols):
@@ -55,7 +56,7 @@ def lora_vectors(args, spec, lora, texts):
     """A fine-tuned checkpoint: the base model with its adapters, merged into the weights where the
     base is a plain layer, kept apart on an int8 base (merging would quantize the update away),
     then plain encode. Not cached: the cache holds the base model's vectors."""
-    embedder = Qwen3Embedder.from_pretrained(spec.model, device=args.device, dtype=spec.dtype,
+    embedder = Embedder.from_pretrained(spec.model, device=args.device, dtype=spec.dtype,
                                              compile=args.compile, quantize=spec.weights,
                                              max_memory=args.max_memory, log=print)
     embed_cache.measure_sample(embedder, texts, args.fidelity_texts, spec, print)

@@ -1,20 +1,23 @@
-"""Qwen3 as a text embedder, in plain PyTorch: one text in, one vector out.
+"""Qwen3 as a text embedder, in plain PyTorch: one text in, one vector out. This file runs alone.
 
     from qwen_embed import Qwen3Embedder
     model = Qwen3Embedder.from_pretrained("Qwen/Qwen3-Embedding-0.6B")   # or a local directory
     vecs = model.encode(["2 + 2 = 4", "a fraction is part of a whole"])  # (2, 1024) float32
 
-Notable features: RMSNorm on q and k per head, rotate-half RoPE, grouped-query attention,
-SwiGLU MLP, safetensors loaded straight onto the meta-built model, last-token pooling. It follows
-transformers' `models/qwen3/modeling_qwen3.py` and matches it to float32 rounding (tests/).
-The batch is *packed*: the real tokens of all texts are concatenated, with no padding, so the
-matmuls (almost all of the FLOPs) never touch a pad token; only attention sees the texts apart.
-Read top to bottom: the config, the model, loading, then Qwen3Embedder. Where the model runs
-(device, dtype, memory) and what is only for speed (varlen kernel, torch.compile) is runtime.py;
-how weights are stored (as shipped, int8) is weights.py.
+    python qwen_embed.py MODEL "a text" "another text"    # the vectors' shape, their cosines
+
+Notable features: RMSNorm on q and k per head, rotate-half RoPE, grouped-query attention, SwiGLU
+MLP, safetensors loaded straight onto the meta-built model, last-token pooling. It follows
+transformers' `models/qwen3/modeling_qwen3.py` and matches it to float32 rounding (tests/). The
+batch is *packed*: the real tokens of all texts are concatenated, with no padding, so the matmuls
+(almost all of the FLOPs) never touch a pad token; only attention sees the texts apart. Read top
+to bottom: the config, the model, pooling, loading, tokens, then Qwen3Embedder. It imports nothing
+of its project: what real sizes need (weights kept as shipped or in int8/int4, guarded float16,
+memory, the out-of-memory runner, compile, the vector cache) is in at_scale/, which imports this.
 """
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +28,6 @@ from safetensors.torch import safe_open
 from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
-
-import runtime
-import weights
-from runtime import plan_batches
 
 EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into this token's state
 # How a text's token states become one vector (pool): the one list that the flags, EmbedSpec,
@@ -112,9 +111,10 @@ def apply_rope(x, cos, sin):  # x: (N, heads, head_dim); cos, sin: (N, head_dim)
 
 
 def sdpa_attention(q, k, v, pack):
-    """Causal attention per text of a packed batch: q (N, n_head, d); k, v (N, n_kv, d) -> (N, n_head,
-    d). The model's attention function (Qwen3Model.attend); runtime.py hands it FlashAttention on
-    the packed tokens instead where that runs (speed only), weights.py wraps it for float16."""
+    """Causal attention per text of a packed batch: q (N, n_head, d); k, v (N, n_kv, d) ->
+    (N, n_head, d). The model's attention function (Qwen3Model.attend); at_scale/runtime.py hands it
+    FlashAttention on the packed tokens where that runs (speed only), at_scale/weights.py wraps it
+    for float16."""
     # SDPA wants a rectangle, so scatter into a right-padded (B, heads, T, d) grid. Right padding
     # needs no padding mask: under the causal mask a real token attends only to earlier positions,
     # and every pad comes after every real token of its row. So plain is_causal=True is exact, SDPA
@@ -253,31 +253,29 @@ def pool(h, lengths, pooling, dim=None, normalize=True):
     return F.normalize(v, dim=-1) if normalize else v
 
 
-def pool_keys(states, lengths, batch, keys, dim, normalize):
-    """{(pooling, layer): (B, D) float32 CPU vectors} of one batch, from (final normed states,
-    layer states or None); NaN or Inf raises NonFiniteError naming the texts (indices in batch)."""
-    final, layers = states
-    lengths = torch.tensor(lengths)
-    vectors = {}
-    for pooling, layer in keys:
-        v = pool(final if layer is None else layers[layer], lengths, pooling, dim, normalize).cpu()
-        bad = (~torch.isfinite(v).all(1)).nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteError(sorted(batch[i] for i in bad))
-        vectors[pooling, layer] = v
-    return vectors
-
-
-class NonFiniteError(FloatingPointError):
-    """Vectors with NaN or Inf; .indices says which texts. Never silently returned."""
-
-    def __init__(self, indices):
-        more = " ..." if len(indices) > 20 else ""
-        super().__init__(f"NaN or Inf in the vectors of texts {indices[:20]}{more}")
-        self.indices = indices
-
-
 # ----------------------------------------------------------------------------- loading
+
+def resolve_model_dir(name_or_path, revision=None):
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded into the standard
+    cache. Only config, tokenizer and safetensors files are fetched (never pickled weights or
+    code); HF_HUB_OFFLINE=1 makes this read the cache alone."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        if folder.exists() or str(name_or_path).startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{name_or_path}: not a model directory")
+        from huggingface_hub import snapshot_download  # only here: a local folder needs no Hub
+        try:
+            folder = Path(snapshot_download(str(name_or_path), revision=revision,
+                                            allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        except Exception as e:  # offline with an empty cache, unknown repo, no network, ...
+            why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            raise FileNotFoundError(f"{name_or_path}: not a local directory and not fetched from "
+                                    f"the Hugging Face Hub ({why})") from None
+    for needed in ("config.json", "tokenizer.json"):
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
+    return folder
+
 
 def weight_files(folder):
     """The safetensors files of a checkpoint folder: model.safetensors, or a sharded index's
@@ -298,27 +296,14 @@ def our_key(key):
     return None if key.startswith("lm_head.") else key.removeprefix("model.")
 
 
-def checkpoint_tensors(folder):
-    """{our key: (shape, dtype on disk)} from the safetensors headers: what choose_format weighs."""
-    out = {}
-    for file in weight_files(folder):
-        try:
-            header = weights.read_header(file)
-        except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-        out.update({our_key(k): v for k, v in header.items() if our_key(k)})
-    return out
-
-
-def load_weights(model, folder, device, dtype, fmt="none", prefix=""):
-    """Fill a meta-built model from the safetensors, one tensor at a time, each straight into its
-    stored form (weights.py: as shipped, int8 or int4) on device: never a second copy of the model.
-    prefix: load only the tensors under it (e.g. "layers.3." into one Block)."""
+def read_checkpoint(model, folder, read, prefix=""):
+    """{our key: read(open file, key in the file, file)} for every tensor of the meta-built model,
+    one at a time, checked against it: a misshapen, missing or unexpected tensor is a one-line
+    error naming it. prefix: only the tensors under it (e.g. "layers.3." into one Block)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    stored = {}  # {our key: {"weight": tensor, and its format's scales}}
+    stored = {}
     for file in weight_files(Path(folder)):
         try:
-            offsets = weights.read_header(file, offsets=True)
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
                     ours = our_key(key)
@@ -329,8 +314,7 @@ def load_weights(model, folder, device, dtype, fmt="none", prefix=""):
                     if ours in expected and shape != tuple(expected[ours]):
                         raise ValueError(f"{file}: {key} has shape {shape}, config.json implies "
                                          f"{tuple(expected[ours])}")
-                    stored[ours] = weights.read_stored(f, key, fmt, dtype, device, file,
-                                                       offsets[key])
+                    stored[ours] = read(f, key, file)
         except SafetensorError as e:
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
     missing = sorted(expected.keys() - stored.keys())
@@ -338,51 +322,21 @@ def load_weights(model, folder, device, dtype, fmt="none", prefix=""):
     if missing or unexpected:
         raise ValueError(f"{folder}: checkpoint does not fit config.json: missing {few(missing)}, "
                          f"unexpected {few(unexpected)}")
-    weights.apply_format(model, stored, dtype)
-    state = {key.removesuffix("weight") + name: t
-             for key, tensors in stored.items() for name, t in tensors.items()}
+    return stored
+
+
+def load_weights(model, folder, device, dtype):
+    """Fill a meta-built model (no memory, no random init) with the checkpoint's tensors, each
+    converted to dtype on device as it is read: never a second copy of the model. Simple, at a
+    cost: bf16 weights computed in float32 take twice their size (at_scale/weights.py keeps them
+    as shipped, or in int8/int4, and converts a layer at a time)."""
+    state = read_checkpoint(model, folder, lambda f, key, _: f.get_tensor(key).to(device, dtype))
     model.load_state_dict(state, strict=True, assign=True)
 
 
 def few(names):
     """A list for an error message: its first five, and how many in all."""
     return f"{names[:5]}{' ...' if len(names) > 5 else ''} ({len(names)})"
-
-
-@torch.inference_mode()
-def streamed_states(folder, config, ids, device, dtype, layer=None, max_tokens=2048):
-    """The hidden states of tokenized texts with the weights as shipped, read from the checkpoint
-    one block at a time (a block in memory, then dropped): the reference a quantized model is
-    measured against, wherever the quantized model itself fits. ids: token ids per text; layer: as
-    in Qwen3Model (None: the final normed output, else the residual stream after that many
-    blocks). Returns (N, hidden), the texts' tokens concatenated. Every text passes a block before
-    the next block is read, in runs of consecutive texts of at most max_tokens tokens."""
-    embed = next(((file, key) for file in weight_files(Path(folder)) for key in
-                  weights.read_header(file) if our_key(key) == "embed_tokens.weight"), None)
-    if embed is None:
-        raise ValueError(f"{folder}: no embed_tokens.weight in the checkpoint")
-    file, key = embed
-    shape, source = weights.read_header(file)[key]
-    offset = weights.read_header(file, offsets=True)[key]
-    runs, states = [], []  # (pack, cos, sin) of each run of texts; its hidden states (n, hidden)
-    for chunk in plan_batches([len(i) for i in ids], max_tokens, ordered=True):
-        flat = [t for i in chunk for t in ids[i]]
-        states.append(weights.read_lookup(file, offset, shape, source, flat).to(device, dtype))
-        pack = Packing([len(ids[i]) for i in chunk], device)
-        runs.append((pack, *rope(pack.positions, config.head_dim, config.rope_theta, dtype)))
-    for i in range(config.num_hidden_layers if layer is None else layer):
-        with torch.device("meta"):
-            block = Block(config)
-        load_weights(block, folder, device, dtype, "none", prefix=f"layers.{i}.")
-        states = [block(x, cos, sin, pack) for x, (pack, cos, sin) in zip(states, runs)]
-        del block
-    x = torch.cat(states)
-    if layer is not None:
-        return x
-    with torch.device("meta"):
-        norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-    load_weights(norm, folder, device, dtype, "none", prefix="norm.")
-    return norm(x)
 
 
 def load_tokenizer(folder):
@@ -396,7 +350,7 @@ def load_tokenizer(folder):
     return tokenizer
 
 
-# ----------------------------------------------------------------------------- tokens and arguments
+# ----------------------------------------------------------------------------- tokens
 
 def tokenize(tokenizer, texts, instruction=None, max_length=8192, append_eos=True):
     """Token ids per text, at most max_length long, each ending with exactly one EOS.
@@ -432,151 +386,83 @@ def tokenize(tokenizer, texts, instruction=None, max_length=8192, append_eos=Tru
     return [e.ids[:max_length] for e in encoded]
 
 
-def layer_keys(config, layers, dim=None):
-    """Layer indexes as stored: None (the final normed output) or 0..num_hidden_layers (-1 and
-    num_hidden_layers are one state), after the one check of layers and dim that encode, the
-    cache and the flags share (its messages name the flags)."""
-    n, hidden = config.num_hidden_layers, config.hidden_size
-    bad = [layer for layer in layers if layer is not None and not -n - 1 <= layer <= n]
-    if bad:
-        raise ValueError(f"--layer must be between {-n - 1} and {n} for this {n}-layer model, "
-                         f"got {bad[0]}")
-    if dim is not None and not 1 <= dim <= hidden:
-        raise ValueError(f"--dim must be between 1 and the model's hidden size {hidden}, got {dim}")
-    return [None if layer is None else layer % (n + 1) for layer in layers]
-
-
-def check_encode(keys, batch_size, max_batch_tokens):
-    """One-line errors for the encode arguments that layer_keys does not check."""
-    unknown = sorted({pooling for pooling, _ in keys} - set(POOLINGS))
-    if unknown:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {unknown}")
-    if any(limit is not None and limit < 1 for limit in (batch_size, max_batch_tokens)):
-        raise ValueError("batch_size and max_batch_tokens must be positive")
-
-
 # ----------------------------------------------------------------------------- embedder
 
-def silent(*_):  # the log of a caller that wants no lines
-    pass
+def pick_device_dtype(device=None, dtype=None):
+    """(device, dtype): CUDA if there is a GPU, else the CPU; bf16 on a GPU that has it, else
+    float32. float16 is refused: Qwen3's activations overflow it (at_scale/weights.py guards it)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype)
+    if dtype is None:
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        dtype = torch.bfloat16 if bf16 else torch.float32
+    if dtype == torch.float16:
+        raise ValueError("float16 overflows on Qwen3's activations (NaN vectors); use bfloat16 or "
+                         "float32 here, or at_scale's guarded float16")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"unknown dtype {dtype!r} (use 'bfloat16' or 'float32')")
+    return device, dtype
 
 
 class Qwen3Embedder:
-    def __init__(self, model, tokenizer, device, dtype, name="", compile=None, weight_format="none",
-                 folder=None):
+    """Texts in, vectors out: tokenize, cut into batches by tokens (shortest first), run the model,
+    pool. at_scale.embedder.Embedder is this class with what real sizes need added."""
+
+    def __init__(self, model, tokenizer, device, dtype, name=""):
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
-        self.name, self.weight_format, self.folder = name, weight_format, folder
-        self.fast = runtime.FastPaths(device, dtype, compile)  # varlen, compile: decided once
-        self.eos_id = tokenizer.token_to_id(EOS)
+        self.name, self.eos_id = name, tokenizer.token_to_id(EOS)
         if self.eos_id is None:
             raise ValueError(f"{name}: tokenizer.json has no {EOS} token")
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None, compile=None,
-                        quantize="auto", max_memory=None, log=None):
-        """compile: True, False (the eager reference path), or None: when a job is big enough to
-        repay it (maybe_compile). quantize: "none" (weights as shipped), "int8", "int4", or
-        "auto": the first of these that fits the memory budget with room for a batch
-        (weights.choose_format, the one decision); max_memory: that budget in GB (None: what the
-        device has free). log: where the one line on the chosen format goes."""
-        device, dtype = runtime.pick_device_dtype(device, dtype)
-        folder = runtime.resolve_model_dir(name_or_path, revision)
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, revision=None):
+        """A local checkpoint folder or a Hub repo id; device and dtype as pick_device_dtype."""
+        device, dtype = pick_device_dtype(device, dtype)
+        folder = resolve_model_dir(name_or_path, revision)
         config = Qwen3Config.from_json(folder / "config.json")
-        fmt, why = weights.choose_format(quantize, checkpoint_tensors(folder), config, dtype,
-                                         runtime.room_batch_tokens(config, device, dtype),
-                                         runtime.memory_budget(device, max_memory))
-        (log or silent)(why)
-        if dtype == torch.float16:
-            (log or silent)(runtime.FLOAT16_LINE)
-        return cls.load(folder, config, device, dtype, fmt, compile, str(name_or_path))
-
-    @classmethod
-    def load(cls, folder, config, device, dtype, fmt, compile=None, name=None):
-        """The embedder of a local checkpoint folder, with its weight format already decided (by
-        from_pretrained, or once for a whole run by its caller): nothing is decided here."""
         with torch.device("meta"):  # shapes only: no memory, no random init
             model = Qwen3Model(config)
-        # float16 is guarded: the model runs in float32, its matmuls on scaled float16 (weights.py)
-        compute = torch.float32 if dtype == torch.float16 else dtype
-        with runtime.compact_heap():
-            load_weights(model, folder, device, compute, fmt)
-        if dtype == torch.float16:
-            weights.guard_float16(model)
-        return cls(model.eval(), load_tokenizer(folder), device, dtype, name or str(folder),
-                   compile, fmt, folder)
+        load_weights(model, folder, device, dtype)
+        return cls(model.eval(), load_tokenizer(folder), device, dtype, str(name_or_path))
 
     dim = property(lambda self: self.model.config.hidden_size)
-    compiled = property(lambda self: self.fast.compiled)
-    pool = staticmethod(pool)  # the embedder's pooling, for callers that hold an embedder
 
     def tokenize(self, texts, instruction=None, max_length=8192, append_eos=True):
         return tokenize(self.tokenizer, texts, instruction, max_length, append_eos)
 
-    def encode(self, texts, instruction=None, batch_size=None, max_length=8192, dim=None,
-               normalize=True, progress=True, pooling="last", max_batch_tokens=None, layers=None,
-               append_eos=True):
-        """Embed texts: a float32 (len(texts), D) CPU tensor, row i for texts[i].
-
-        pooling: "last" (the EOS token's state, what Qwen3-Embedding is trained for) or "mean".
-        dim: keep the first dim features (Matryoshka), before the L2 normalisation.
-        layers: a list of hidden states to pool in one pass -> a dict {layer: tensor}. Each is None
-        for the final normed output, or a layer index (0 = the embeddings, num_hidden_layers = the
-        last layer's raw output, negative from the end), un-normed.
-        batch_size, max_batch_tokens: at most this many texts and tokens per forward pass. None:
-        no limit on texts, and tokens by runtime.default_batch_tokens (the device and the model).
-        """
-        ids = self.tokenize(texts, instruction, max_length, append_eos)
-        stored = layer_keys(self.model.config, [None] if layers is None else layers, dim)
-        keys = [(pooling, layer) for layer in stored]
-        out = {key: torch.empty(len(texts), dim or self.dim) for key in keys}
-        with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
-            for batch, vectors in self.stream(ids, keys, dim, normalize, batch_size,
-                                              max_batch_tokens, tqdm.write if progress else None):
-                for key in keys:
-                    out[key][batch] = vectors[key]
-                bar.update(len(batch))
-        return out[keys[0]] if layers is None else {i: out[k] for i, k in zip(layers, keys)}
-
-    def stream(self, ids, keys, dim=None, normalize=True, batch_size=None, max_batch_tokens=None,
-               log=None):
-        """Embed tokenized texts batch by batch, ONE forward pass for every (pooling, layer) key: an
-        iterator of (indices into ids, {key: (len(indices), D) float32 CPU tensor}), so that a
-        caller can save as it goes. Arguments checked here, before the first batch;
-        runtime.run_batches runs the batches (out-of-memory halving, fast-path fallback)."""
-        check_encode(keys, batch_size, max_batch_tokens)
-        layer_keys(self.model.config, [layer for _, layer in keys], dim)
-        return self.batches(ids, keys, dim, normalize, batch_size, max_batch_tokens, log or silent)
-
     @torch.inference_mode()
-    def batches(self, ids, keys, dim, normalize, batch_size, max_batch_tokens, log):
-        need_layers = any(layer is not None for _, layer in keys)
-        self.fast.maybe_compile(self.model, sum(len(i) for i in ids), log)  # here, said once
-        budget = max_batch_tokens or runtime.default_batch_tokens(self.model.config, self.device,
-                                                                  self.dtype, need_layers)
-        for batch, states in runtime.run_batches(self.model, ids, budget, batch_size, need_layers,
-                                                 self.device, self.fast, log):
-            lengths = [len(ids[i]) for i in batch]
-            yield batch, pool_keys(states, lengths, batch, keys, dim, normalize)
+    def encode(self, texts, instruction=None, max_length=8192, dim=None, normalize=True,
+               pooling="last", append_eos=True, max_batch_tokens=2048, progress=True):
+        """Embed texts: a float32 (len(texts), D) CPU tensor, row i for texts[i]. pooling: one of
+        POOLINGS; dim: keep the first dim features (Matryoshka), before the L2 normalisation."""
+        ids = self.tokenize(texts, instruction, max_length, append_eos)
+        batches, tokens = [[]], 0  # shortest first, cut at max_batch_tokens: little padding
+        for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+            if batches[-1] and tokens + len(ids[i]) > max_batch_tokens:
+                batches, tokens = batches + [[]], 0
+            batches[-1].append(i)
+            tokens += len(ids[i])
+        out = torch.empty(len(texts), dim or self.dim)
+        with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
+            for batch in batches:
+                lengths = torch.tensor([len(ids[i]) for i in batch])
+                flat = torch.tensor([t for i in batch for t in ids[i]]).to(self.device)
+                out[batch] = pool(self.model(flat, lengths), lengths, pooling, dim, normalize).cpu()
+                bar.update(len(batch))
+        return out
 
-    def fidelity(self, texts, instruction=None, max_length=8192, pooling="last", layer=None,
-                 append_eos=True):
-        """Per-text cosine between this model's vectors and those of the weights as shipped
-        (reference_vectors): what quantization costs on these texts; ones as shipped."""
-        ours = self.encode(texts, instruction, max_length=max_length, pooling=pooling,
-                           progress=False, layers=[layer], append_eos=append_eos)[layer]
-        return (ours * reference_vectors(self, texts, instruction, max_length, pooling, layer, None,
-                                         append_eos)).sum(-1)
 
-
-def reference_vectors(embedder, texts, instruction=None, max_length=8192, pooling="last",
-                      layer=None, dim=None, append_eos=True):
-    """What embedder.encode would return with the weights as shipped (L2-normed), computed with them
-    streamed from the checkpoint one block at a time (streamed_states), in the embedder's compute
-    dtype: the yardstick of a quantized model, at the memory of one block more."""
-    ids = embedder.tokenize(texts, instruction, max_length, append_eos)
-    config = embedder.model.config
-    key = layer_keys(config, [layer])[0]
-    dtype = torch.float32 if embedder.dtype == torch.float16 else embedder.dtype  # never plain fp16
-    h = streamed_states(embedder.folder, config, ids, embedder.device, dtype, key,
-                        runtime.default_batch_tokens(config, embedder.device, dtype))
-    return pool(h, torch.tensor([len(i) for i in ids]), pooling, dim, True).cpu()
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit('usage: python qwen_embed.py MODEL "text" ["text" ...]')
+    try:
+        embedder = Qwen3Embedder.from_pretrained(sys.argv[1])
+        vectors = embedder.encode(sys.argv[2:], progress=False)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        sys.exit(f"error: {e}")
+    print(f"vectors: {tuple(vectors.shape)} float32, L2-normed, computed in "
+          f"{str(embedder.dtype).removeprefix('torch.')} on {embedder.device}")
+    print("cosine similarities:")
+    for i, row in enumerate((vectors @ vectors.T).tolist()):
+        print(f"  {i}: " + "  ".join(f"{c:6.3f}" for c in row))

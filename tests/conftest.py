@@ -1,6 +1,6 @@
 import pytest
 
-from random_checkpoint import make_checkpoint
+from tools.random_checkpoint import make_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def bench(*flags):
     """bench.py's stdout, on the CPU; a failed run fails the test with its stderr."""
-    out = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench.py"), "--device", "cpu", *flags],
+    out = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "tools" / "bench.py"), "--device", "cpu", *flags],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-import embed_cache
+from at_scale import embed_cache
 import evaluate
 import train
 from data import read_csv, render

@@ -44,15 +44,21 @@ def test_how_it_works_names_code_that_is_defined_where_it_says():
             assert name[1] in definitions(file), f"{label}: not defined in {file}"
 
 
-def test_readme_flags_exist():
-    readme = (ROOT / "README.md").read_text()
-    for script in ("train.py", "evaluate.py", "bench.py"):
+def test_every_flag_the_documentation_shows_exists():
+    """Each flag in a `python train.py ...` (evaluate.py, tools/bench.py, ...) command of the
+    README, the docs or HOW_IT_WORKS is one that script's --help lists."""
+    docs = [ROOT / "README.md", ROOT / "HOW_IT_WORKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(doc.read_text() for doc in docs)
+    for script in ("train.py", "evaluate.py", "tools/bench.py", "tools/random_checkpoint.py",
+                   "tools/plot.py"):
         help_text = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True,
                                    text=True, cwd=ROOT).stdout
-        shown = set(re.findall(rf"python {script} ([^\n`]*)", readme))
+        assert "usage" in help_text, script
+        shown = set(re.findall(rf"python {script} ([^\n`]*)", text))
+        assert shown or script == "tools/plot.py", script
         for line in shown:
-            for flag in re.findall(r"(--[\w-]+)", line):
-                assert flag in help_text, f"README shows {script} {flag}, which --help does not list"
+            for flag in re.findall(r"(?<![\w-])(--[\w-]+)", line):
+                assert flag in help_text, f"the docs show {script} {flag}, which --help does not list"
 
 
 def test_every_flag_documents_its_default():

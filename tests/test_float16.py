@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import embed_cache
-import runtime
+from at_scale import embed_cache
+from at_scale import runtime
 import train
 from helpers import PINNED, write_csv
-from qwen_embed import Qwen3Config, Qwen3Embedder, Qwen3Model, load_tokenizer, load_weights, tokenize
-from random_checkpoint import make_checkpoint
-from weights import Float16Linear, power_of_two_at_least
+from at_scale.embedder import Embedder
+from qwen_embed import Qwen3Config, Qwen3Model, load_tokenizer, load_weights, tokenize
+from tools.random_checkpoint import make_checkpoint
+from at_scale.weights import Float16Linear, power_of_two_at_least
 
 TEXTS = ["Question: what fraction of the shape is not shaded? I think one third",
          "Question: 0.25 + 0.5 and why the decimal point moves",
@@ -96,7 +97,7 @@ def plain_float16_states(folder, ids):
 @torch.no_grad()
 def float32_states(folder, ids, fmt="none"):
     """The same in float32, with the weights in fmt: (final, layers, layer 0's MLP intermediate)."""
-    embedder = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize=fmt)
+    embedder = Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize=fmt)
     inner = []
     embedder.model.layers[0].mlp.down_proj.register_forward_pre_hook(
         lambda m, a: inner.append(a[0]))
@@ -119,8 +120,8 @@ def check_planted(folder, case, fmt):
     if fmt == "none":  # plain float16 gives Inf or NaN: the guard is needed (power)
         final16, _, _ = plain_float16_states(folder, ids)
         assert not torch.isfinite(final16).all()
-    reference = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize=fmt)
-    guarded = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float16", quantize=fmt)
+    reference = Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize=fmt)
+    guarded = Embedder.from_pretrained(folder, device="cpu", dtype="float16", quantize=fmt)
     a, b = (m.encode(TEXTS, progress=False) for m in (reference, guarded))
     assert torch.isfinite(b).all()
     cosine = (a * b).sum(-1).min().item()

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-import runtime
-from qwen_embed import Qwen3Embedder
-from random_checkpoint import CORPUS, make_checkpoint
+import fit
+
+from at_scale import runtime
+from at_scale.embedder import Embedder
+from tools.random_checkpoint import CORPUS, make_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,7 +41,7 @@ def cosines(a, b):
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_bf16_defaults_match_the_fp32_reference(model_dir, reference, compile):
-    ours = Qwen3Embedder.from_pretrained(model_dir, compile=compile)  # defaults: cuda, bfloat16
+    ours = Embedder.from_pretrained(model_dir, compile=compile)  # defaults: cuda, bfloat16
     assert ours.device.type == "cuda" and ours.dtype == torch.bfloat16
     got = ours.encode(MIXED_TEXTS, progress=False)
     assert ours.compiled == compile and ours.fast.varlen == runtime.varlen_usable(ours.device, ours.dtype)  # no fallback
@@ -51,7 +53,7 @@ def test_bf16_defaults_match_the_fp32_reference(model_dir, reference, compile):
 def test_varlen_and_padded_attention_agree(model_dir):
     if not runtime.varlen_usable(torch.device("cuda"), torch.bfloat16):
         pytest.skip(f"torch {torch.__version__} has no usable torch.nn.attention.varlen")
-    ours = Qwen3Embedder.from_pretrained(model_dir, compile=False)
+    ours = Embedder.from_pretrained(model_dir, compile=False)
     varlen = ours.encode(MIXED_TEXTS, progress=False)
     assert ours.fast.varlen  # did not fall back
     ours.fast.varlen = False  # forces the padded SDPA path
@@ -60,8 +62,8 @@ def test_varlen_and_padded_attention_agree(model_dir):
 
 
 def test_compiled_matches_eager_in_fp32(model_dir):
-    eager = Qwen3Embedder.from_pretrained(model_dir, dtype="float32", compile=False).encode(MIXED_TEXTS, progress=False)
-    compiled = Qwen3Embedder.from_pretrained(model_dir, dtype="float32", compile=True)
+    eager = Embedder.from_pretrained(model_dir, dtype="float32", compile=False).encode(MIXED_TEXTS, progress=False)
+    compiled = Embedder.from_pretrained(model_dir, dtype="float32", compile=True)
     got = compiled.encode(MIXED_TEXTS, progress=False)
     assert compiled.compiled and (got - eager).abs().max().item() <= 1e-5
 
@@ -72,10 +74,10 @@ def test_quantized_weights_agree_with_bf16_as_shipped_at_the_8b_width(tmp_path):
     shape gave min 0.939) and must stay near, and the fidelity measurement agrees with encoding."""
     folder = make_checkpoint(tmp_path / "m", layers=4, hidden=4096, heads=32, kv_heads=8, head_dim=128,
                              intermediate=12288, dtype=torch.bfloat16)
-    shipped = Qwen3Embedder.from_pretrained(folder, quantize="none").encode(MIXED_TEXTS, progress=False)
-    int8 = Qwen3Embedder.from_pretrained(folder, quantize="int8").encode(MIXED_TEXTS, progress=False)
+    shipped = Embedder.from_pretrained(folder, quantize="none").encode(MIXED_TEXTS, progress=False)
+    int8 = Embedder.from_pretrained(folder, quantize="int8").encode(MIXED_TEXTS, progress=False)
     assert cosines(shipped, int8).min() >= 0.999
-    model = Qwen3Embedder.from_pretrained(folder, quantize="int4")
+    model = Embedder.from_pretrained(folder, quantize="int4")
     cos = cosines(shipped, model.encode(MIXED_TEXTS, progress=False))
     print(f"int4 vs bf16 as shipped at the 8B width: min {cos.min():.4f}, mean {cos.mean():.4f}")
     assert cos.min() >= 0.85
@@ -89,7 +91,7 @@ def test_head_trains_on_the_gpu_with_the_same_numbers_for_the_same_seed():
     y = torch.arange(5).repeat_interleave(60)
     x = centers[y] + torch.randn(len(y), 32, generator=g)
     args = train.parse_args(["--epochs", "5", "--hidden", "64", "32", "--head-device", "cuda"])
-    runs = [train.train_head(x[::2], y[::2], x[1::2], y[1::2], list("abcde"), args)
+    runs = [fit.train_head(x[::2], y[::2], x[1::2], y[1::2], list("abcde"), args)
             for _ in range(2)]
     (head_a, a), (head_b, b) = runs
     assert next(head_a.parameters()).device.type == "cpu"  # handed back on the CPU, ready to save
@@ -100,10 +102,10 @@ def test_head_trains_on_the_gpu_with_the_same_numbers_for_the_same_seed():
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_guarded_float16_matches_the_fp32_reference(model_dir, reference, quantize):
     """What a T4 runs by default, on whatever GPU is lent: float16 tensor cores, float32 between."""
-    ours = Qwen3Embedder.from_pretrained(model_dir, dtype="float16", quantize=quantize, compile=False)
+    ours = Embedder.from_pretrained(model_dir, dtype="float16", quantize=quantize, compile=False)
     assert not torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
     got = ours.encode(MIXED_TEXTS, progress=False)
-    fp32 = Qwen3Embedder.from_pretrained(model_dir, dtype="float32", quantize=quantize).encode(
+    fp32 = Embedder.from_pretrained(model_dir, dtype="float32", quantize=quantize).encode(
         MIXED_TEXTS, progress=False)
     assert cosines(got, fp32).min() >= 0.9995
     if quantize == "none":

@@ -14,13 +14,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save_file as real_save_file
 
-import embed_cache
+from at_scale import embed_cache
 import evaluate
 import mlp_head
 import train
 from data import read_csv, render
 from helpers import PINNED, PINNED_KW, ROOT, cached_keys, cli_error, count_forward_passes, embedded, write_csv
-from qwen_embed import Qwen3Embedder, Qwen3Model
+from at_scale.embedder import Embedder
+from qwen_embed import Qwen3Model
 
 NUMBERED_TEXTS = [f"text number {i} " + "word " * (i % 17) for i in range(30)]
 
@@ -255,7 +256,7 @@ def test_a_cache_written_before_is_found(tmp_path, tiny, monkeypatch, weights, e
               "max_length": 8192, "dim": None, "dtype": "float32", "pooling": "last", "layer": None}
     before.update({} if weights == "none" else {"weights": f"{weights}-g32"})
     before.update({} if eos else {"eos": False})
-    model = Qwen3Embedder.from_pretrained(tiny, quantize=weights, **PINNED_KW)
+    model = Embedder.from_pretrained(tiny, quantize=weights, **PINNED_KW)
     vectors = model.encode(texts, progress=False, append_eos=eos)
     embed_cache.Cache(tmp_path, before).save(embed_cache.text_keys(texts), vectors)
     calls = count_forward_passes(monkeypatch)

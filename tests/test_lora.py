@@ -12,13 +12,13 @@ import transformers
 
 import evaluate
 import train
-from lora import TARGETS, adapters, add_lora, checkpoint_blocks, merge_lora
-from qwen_embed import Qwen3Embedder
+from at_scale.lora import TARGETS, adapters, add_lora, checkpoint_blocks, merge_lora
+from at_scale.embedder import Embedder
 from helpers import PINNED, TEXTS, cli_error, write_csv
 
 
 def fresh(tiny):
-    return Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=False)
+    return Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=False)
 
 
 def randomize_b(model, seed=1):

@@ -9,8 +9,10 @@ import torch
 
 from safetensors.torch import load_file
 
-import embed_cache
+from at_scale import embed_cache
 import evaluate
+import fit
+import research
 import train
 from data import read_csv, render, split
 from helpers import PINNED, cli_error, count_forward_passes, write_csv
@@ -83,7 +85,7 @@ def test_each_sweep_row_is_a_head_trained_on_that_layer_alone(base, tiny):
     for pooling, layer in (("last", 0), ("last", 2), ("mean", 3), ("last", None)):
         x = embed_cache.embed(texts, str(tiny), pooling=pooling, layers=(layer,), cache_dir=args.cache_dir,
                               max_length=512, progress=False, log=lambda *_: None, device="cpu", dtype="float32")[layer]
-        _, best = train.train_head(x[tr], y[tr], x[va], y[va], labels, args)
+        _, best = fit.train_head(x[tr], y[tr], x[va], y[va], labels, args)
         assert f"{best.scores.map3:.4f}" == table[pooling, "final (normed)" if layer is None else str(layer)]
         scores.add(best.scores.map3)
     assert len(scores) > 1  # the rows differ, so a row computed on the wrong layer would show
@@ -102,7 +104,7 @@ def test_sweep_table_has_a_bar_per_row_from_lowest_to_highest(base):
 
 def test_head_sweep_keeps_only_the_best_trial(base, monkeypatch):
     heads, alive = [], []
-    original = train.train_head
+    original = research.train_head  # the sweep's trials go through research.py
 
     def tracked(*a, **k):
         gc.collect()
@@ -111,7 +113,7 @@ def test_head_sweep_keeps_only_the_best_trial(base, monkeypatch):
         heads.append(weakref.ref(head))
         return head, best
 
-    monkeypatch.setattr(train, "train_head", tracked)
+    monkeypatch.setattr(research, "train_head", tracked)
     train.main(train.parse_args(base + ["--sweep", "6"]), log=lambda *_: None)
     assert len(alive) == 6 and max(alive) <= 1  # the best so far, never every trial's head
 

@@ -19,5 +19,5 @@ def test_the_notebook_is_stored_without_outputs_and_runs_end_to_end():
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     print(f"notebook executed in {time.time() - t0:.1f}s")
     images = [o for cell in code for o in cell.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 4  # the grid, the residual stream, the similarities, the learning curves
+    assert len(images) >= 5  # the grid, what EOS reads, the residual stream, the similarities, the curves
     assert not [o for cell in code for o in cell.outputs if o.output_type == "error"]

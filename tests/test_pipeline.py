@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-import embed_cache
+from at_scale import embed_cache
 import evaluate
+import fit
 import train
 from data import kfold, read_csv, render, split, template_fields
 from helpers import count_forward_passes, write_csv
@@ -90,7 +91,7 @@ def clusters(n_per_class=40, classes=5, dim=16, seed=0):
 
 
 def test_lr_schedule():
-    lrs = [train.get_lr(s, 100, 10, 1.0) for s in range(100)]
+    lrs = [fit.get_lr(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[10] == 1.0
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine only decays
     assert lrs[55] == pytest.approx(0.5, abs=1e-9) and lrs[-1] < 0.001
@@ -100,7 +101,7 @@ def test_head_learns_separated_clusters():
     x, y = clusters()
     labels = [f"c{i}" for i in range(5)]
     xv = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(5)) * 0.5  # same centers, new noise
-    head, best = train.train_head(x, y, xv, y, labels, head_args())
+    head, best = fit.train_head(x, y, xv, y, labels, head_args())
     assert best.scores.map3 >= 0.95
     assert map_at_k([labels[i] for i in y], top_k(predict_proba([head], xv), labels)) == pytest.approx(best.scores.map3)
 
@@ -108,7 +109,7 @@ def test_head_learns_separated_clusters():
 def test_same_seed_same_numbers_other_seed_other_numbers():
     x, y = clusters(classes=4, n_per_class=20)
     labels = list("abcd")
-    runs = [train.train_head(x[::2], y[::2], x[1::2], y[1::2], labels, head_args(epochs=3, seed=s))[1].scores
+    runs = [fit.train_head(x[::2], y[::2], x[1::2], y[1::2], labels, head_args(epochs=3, seed=s))[1].scores
             for s in (3, 3, 4)]
     assert runs[0].loss == runs[1].loss and torch.equal(runs[0].probs, runs[1].probs)
     assert runs[0].loss != runs[2].loss

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import plot
+from tools import plot
 import train
 from helpers import ROOT, write_csv
 
@@ -74,6 +74,6 @@ def test_errors_are_one_line(runs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(ValueError, match=r"^plot.py needs matplotlib: pip install matplotlib$"):
         draw(runs, tmp_path, ["one"])
-    out = subprocess.run([sys.executable, str(ROOT / "plot.py"), str(tmp_path / "none"), "--out", "x.png"],
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path / "none"), "--out", "x.png"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip().startswith("error: ") and "\n" not in out.stderr.strip()

@@ -10,15 +10,16 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
-from qwen_embed import Qwen3Config, Qwen3Embedder
+from at_scale.embedder import Embedder
+from qwen_embed import Qwen3Config
 from helpers import TEXTS
-from random_checkpoint import make_checkpoint
+from tools.random_checkpoint import make_checkpoint
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def ours(tiny):
-    return Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32")
+    return Embedder.from_pretrained(tiny, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_order_preserved(ours):
 
 
 def test_eos_exactly_once_with_or_without_post_processor(tmp_path, ours):
-    plain = Qwen3Embedder.from_pretrained(make_checkpoint(tmp_path, layers=3, eos_post_processor=False),
+    plain = Embedder.from_pretrained(make_checkpoint(tmp_path, layers=3, eos_post_processor=False),
                                           device="cpu", dtype="float32")
     eos = ours.tokenizer.token_to_id("<|endoftext|>")
     assert ours.tokenizer.encode("hi").ids[-1] == eos          # the embedding-style post-processor
@@ -166,7 +167,7 @@ def test_llm_prefix_sharded_and_rope_layouts_load_the_same(tmp_path, ours):
     base = ours.encode(TEXTS, progress=False)
     for kwargs in ({"prefix": "model."}, {"shards": 3}, {"rope_in_parameters": False}):
         folder = make_checkpoint(tmp_path / str(len(kwargs)) / next(iter(kwargs)), layers=3, **kwargs)
-        other = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float32").encode(TEXTS, progress=False)
+        other = Embedder.from_pretrained(folder, device="cpu", dtype="float32").encode(TEXTS, progress=False)
         assert torch.equal(base, other), kwargs
 
 
@@ -193,12 +194,12 @@ def test_hub_resolution_reads_the_standard_cache_offline(tmp_path, tiny, monkeyp
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    model = Qwen3Embedder.from_pretrained("someorg/tiny-qwen3", device="cpu", dtype="float32")
+    model = Embedder.from_pretrained("someorg/tiny-qwen3", device="cpu", dtype="float32")
     assert torch.equal(model.encode(TEXTS, progress=False), ours.encode(TEXTS, progress=False))
     with pytest.raises(FileNotFoundError, match="someorg/absent.*Hugging Face Hub"):
-        Qwen3Embedder.from_pretrained("someorg/absent")
+        Embedder.from_pretrained("someorg/absent")
     with pytest.raises(FileNotFoundError, match="not a model directory"):
-        Qwen3Embedder.from_pretrained(str(tmp_path / "nowhere"))
+        Embedder.from_pretrained(str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -221,7 +222,7 @@ def test_unsupported_configs_are_refused(tmp_path, tiny, changes, message):
     folder = shutil.copytree(tiny, tmp_path / "m")
     edit_config(folder, **changes)
     with pytest.raises(ValueError, match=message):
-        Qwen3Embedder.from_pretrained(folder)
+        Embedder.from_pretrained(folder)
 
 
 def test_missing_unexpected_and_misshapen_weights_are_named(tmp_path, tiny):
@@ -231,12 +232,12 @@ def test_missing_unexpected_and_misshapen_weights_are_named(tmp_path, tiny):
     weights["layers.9.mlp.extra.weight"] = torch.zeros(2)
     save_file(weights, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing \['layers.1.self_attn.k_norm.weight'\].*layers.9.mlp.extra"):
-        Qwen3Embedder.from_pretrained(folder)
+        Embedder.from_pretrained(folder)
     weights = load_file(tiny / "model.safetensors")
     weights["norm.weight"] = torch.ones(3)
     save_file(weights, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"norm.weight has shape \(3,\)"):
-        Qwen3Embedder.from_pretrained(folder)
+        Embedder.from_pretrained(folder)
 
 
 def test_corrupt_or_missing_files(tmp_path, tiny):
@@ -244,23 +245,23 @@ def test_corrupt_or_missing_files(tmp_path, tiny):
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        Qwen3Embedder.from_pretrained(folder)
+        Embedder.from_pretrained(folder)
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors: weights file missing"):
-        Qwen3Embedder.from_pretrained(folder)
+        Embedder.from_pretrained(folder)
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
-        Qwen3Embedder.from_pretrained(folder)
+        Embedder.from_pretrained(folder)
     (folder / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json: missing"):
-        Qwen3Embedder.from_pretrained(folder)
+        Embedder.from_pretrained(folder)
 
 
 def test_bad_arguments(tiny, ours):
     with pytest.raises(ValueError, match="unknown dtype"):
-        Qwen3Embedder.from_pretrained(tiny, dtype=torch.float64)
+        Embedder.from_pretrained(tiny, dtype=torch.float64)
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
-        Qwen3Embedder.from_pretrained(tiny, device="gpu0")
+        Embedder.from_pretrained(tiny, device="gpu0")
     with pytest.raises(ValueError, match="max_length"):
         ours.encode(["x"], max_length=1)
     with pytest.raises(TypeError, match="list of strings"):
@@ -279,7 +280,7 @@ def test_varlen_attention_glue(ours, monkeypatch, api):
     """The CUDA-only varlen kernel cannot run here; a stand-in with its documented semantics (per
     text from cu_seq; causal by window (-1, 0) or is_causal; k/v heads shared only with enable_gqa)
     checks that we call each generation of the API (torch 2.10, 2.11-2.12, 2.13) correctly."""
-    import runtime
+    from at_scale import runtime
     calls = []
 
     def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
@@ -304,7 +305,7 @@ def test_varlen_attention_glue(ours, monkeypatch, api):
 
 
 def test_a_failing_fast_path_falls_back_to_the_reference_path(ours, monkeypatch):
-    import runtime
+    from at_scale import runtime
     expected = ours.encode(TEXTS, progress=False)
 
     def broken(*args, **kwargs):
@@ -323,16 +324,16 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
     two (dynamic sizes are assumed != 1, so a batch of one text gets its own), more is an error
     here; the same vectors as the eager path; a compile that fails falls back to eager, warning."""
     import torch._dynamo
-    import runtime
+    from at_scale import runtime
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
-    compiled = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=True)
+    compiled = Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=True)
     for kw in ({"batch_size": 2}, {"max_batch_tokens": 40}, {}):
         assert (compiled.encode(TEXTS, progress=False, **kw) - ours.encode(TEXTS, progress=False)).abs().max() <= TOL
         assert compiled.compiled  # a failed compile (or a recompile past the limit) would have fallen back
 
-    auto = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32")  # compile=None: by job size
+    auto = Embedder.from_pretrained(tiny, device="cpu", dtype="float32")  # compile=None: by job size
     auto.encode(TEXTS, progress=False)
     assert not auto.compiled
     monkeypatch.setattr(runtime, "COMPILE_MIN_TOKENS", 10)
@@ -345,7 +346,7 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
             block.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("inductor: no C++ compiler found"))
 
     monkeypatch.setattr(runtime, "compile_blocks", broken_compile)
-    failing = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=True)
+    failing = Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=True)
     with pytest.warns(UserWarning, match="torch.compile failed .RuntimeError: inductor: no C"):
         got = failing.encode(TEXTS, progress=False)
     assert not failing.compiled and (got - ours.encode(TEXTS, progress=False)).abs().max() <= TOL

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 
-import embed_cache
+from at_scale import embed_cache
 import evaluate
 import train
 from data import add_answer_is_correct, map_correct_answers, read_csv, render
 from mlp_head import load_checkpoint
-from qwen_embed import Qwen3Embedder
+from at_scale.embedder import Embedder
 from helpers import count_forward_passes, write_csv
 
 
@@ -43,7 +43,7 @@ def test_layer_sweep_one_row_per_layer_one_pass_for_all(base, tiny, monkeypatch)
 
 def test_layer_vectors_are_the_raw_hidden_states(tmp_path, tiny):
     texts = ["a b c", "one third of the shape"]
-    model = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32")
+    model = Embedder.from_pretrained(tiny, device="cpu", dtype="float32")
     expected = model.encode(texts, layers=[1], progress=False)[1]
     got = embed_cache.embed(texts, str(tiny), layers=(None, 1), cache_dir=tmp_path, progress=False,
                             log=lambda *_: None, device="cpu", dtype="float32")

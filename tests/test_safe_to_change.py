@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import embed_cache
+from at_scale import embed_cache
 import evaluate
 import train
 from helpers import PINNED, ROOT, cli_error, count_forward_passes, write_csv
@@ -30,9 +30,9 @@ from qwen_embed import POOLINGS, pool
 def source(tmp_path):
     """A copy of the product's source tree, for a researcher's edits."""
     src = tmp_path / "src"
-    src.mkdir()
-    for file in ROOT.glob("*.py"):
-        shutil.copy(file, src)
+    for file in [*ROOT.glob("*.py"), *ROOT.glob("at_scale/*.py"), *ROOT.glob("tools/*.py")]:
+        (src / file.parent.relative_to(ROOT)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, src / file.relative_to(ROOT))
     return src
 
 
@@ -55,7 +55,7 @@ def train_in(src, tmp_path, tiny):
 
 
 def fingerprint_in(src):
-    done = subprocess.run([sys.executable, "-c", "import embed_cache, json; "
+    done = subprocess.run([sys.executable, "-c", "from at_scale import embed_cache; import json; "
                            "print(json.dumps(embed_cache.code_fingerprint()))"],
                           cwd=src, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
@@ -89,22 +89,24 @@ def test_an_edit_to_the_math_recomputes_and_says_so_a_comment_or_docstring_does_
 
 
 def test_moving_a_function_between_files_keeps_the_fingerprint(source):
-    """The fingerprint keys each function by its name, not its file (the restructuring of the code
-    moves functions between files and must leave it equal)."""
+    """The fingerprint keys each function by its name, not its file: stored_dtype moved from
+    at_scale/weights.py to at_scale/runtime.py leaves it equal; then its math edited changes it,
+    and names it alone."""
     before = fingerprint_in(source)
-    text = (source / "qwen_embed.py").read_text()
-    start = text.index("def apply_rope(")
+    text = (source / "at_scale" / "weights.py").read_text()
+    start = text.index("def stored_dtype(")
     end = text.index("\n\n\n", start) + 3
     moved = text[start:end]
-    (source / "qwen_embed.py").write_text(text[:start] + text[end:].replace(
-        "import runtime\n", "import runtime\nfrom runtime import apply_rope\n", 1))
-    (source / "runtime.py").write_text((source / "runtime.py").read_text() + "\n\n" + moved)
+    (source / "at_scale" / "weights.py").write_text(text[:start] + text[end:].replace(
+        "from at_scale.runtime import GB,", "from at_scale.runtime import GB, stored_dtype,", 1))
+    (source / "at_scale" / "runtime.py").write_text(
+        (source / "at_scale" / "runtime.py").read_text() + "\n\n" + moved)
     assert fingerprint_in(source) == before
-    edit(source, "runtime.py", "return x * cos[:, None] + rotated * sin[:, None]",
-         "return x * cos[:, None] - rotated * sin[:, None]")
+    edit(source, "at_scale/runtime.py", "return dtype if dtype.itemsize <= source.itemsize else source",
+         "return dtype if dtype.itemsize < source.itemsize else source")
     after = fingerprint_in(source)
     assert after[0] != before[0]
-    assert [n for n in before[1] if before[1][n] != after[1][n]] == ["apply_rope"]
+    assert [n for n in before[1] if before[1][n] != after[1][n]] == ["stored_dtype"]
 
 
 def test_a_cache_from_before_fingerprints_is_used_with_one_note(tmp_path, tiny, monkeypatch):

@@ -16,17 +16,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import evaluate
-import lora
+from at_scale import lora
+from at_scale import runtime
 import qwen_embed
-import runtime
 import train
-import weights
+from at_scale import weights
 from helpers import PINNED, TEXTS, cli_error, count_forward_passes, write_csv
-from lora import adapters, add_lora
-from qwen_embed import Qwen3Config, Qwen3Embedder, Qwen3Model
-from runtime import plan_batches
-from random_checkpoint import SHAPES, make_checkpoint
-from weights import GROUP, StoredLinear, dequantize, quantize_int4, quantize_int8
+from at_scale.lora import adapters, add_lora
+from at_scale.embedder import Embedder
+from qwen_embed import Qwen3Config, Qwen3Model
+from at_scale.runtime import plan_batches
+from tools.random_checkpoint import SHAPES, make_checkpoint
+from at_scale.weights import GROUP, StoredLinear, dequantize, quantize_int4, quantize_int8
 
 
 def cosines(a, b):
@@ -100,7 +101,7 @@ def bf16_model(tmp_path_factory):
 
 
 def test_bf16_as_shipped_with_fp32_compute_equals_the_fp32_reference(bf16_model):
-    ours = Qwen3Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize="none")
+    ours = Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize="none")
     q_proj = ours.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, StoredLinear) and q_proj.weight.dtype == torch.bfloat16  # half a float32 copy
     tok = transformers.AutoTokenizer.from_pretrained(bf16_model)
@@ -157,8 +158,8 @@ def test_quantized_vectors_agree_with_as_shipped(bf16_model, tmp_path, fmt, weig
     folder = {"random": lambda: bf16_model, "heavy-tailed": lambda: heavy_tailed(bf16_model, tmp_path / "heavy"),
               "outlier inputs": lambda: outlier_inputs(bf16_model, tmp_path / "outliers")}[weights_kind]()
     texts = TEXTS + [t.upper() for t in TEXTS]
-    shipped = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize="none")
-    quantized = Qwen3Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize=fmt)
+    shipped = Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize="none")
+    quantized = Embedder.from_pretrained(folder, device="cpu", dtype="float32", quantize=fmt)
     assert isinstance(quantized.model.layers[0].mlp.down_proj, StoredLinear) and quantized.weight_format == fmt
     cos = cosines(shipped.encode(texts, progress=False), quantized.encode(texts, progress=False))
     print(f"{weights_kind} weights: {fmt} vs as shipped, min cosine {cos.min():.5f}")
@@ -166,13 +167,13 @@ def test_quantized_vectors_agree_with_as_shipped(bf16_model, tmp_path, fmt, weig
 
 
 def test_int4_keeps_the_embedding_table_and_v_proj_in_int8(tiny):
-    model = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize="int4").model
+    model = Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize="int4").model
     buffers = lambda m: {n: t.dtype for n, t in m.named_buffers()}
     assert buffers(model.embed_tokens) == {"weight": torch.int8, "scale": torch.float16}
     assert buffers(model.layers[1].self_attn.v_proj) == {"weight": torch.int8, "scale": torch.float16}
     assert buffers(model.layers[1].self_attn.q_proj) == {"weight": torch.uint8, "codes": torch.uint8,
                                                          "steps": torch.float32}
-    tensors = qwen_embed.checkpoint_tensors(tiny)
+    tensors = weights.checkpoint_tensors(tiny)
     assert weights.weight_bytes(tensors, "int4", torch.float32) < weights.weight_bytes(tensors, "int8", torch.float32)
 
 
@@ -180,8 +181,8 @@ def test_int4_keeps_the_embedding_table_and_v_proj_in_int8(tiny):
 def test_lora_gradients_on_a_quantized_base_equal_those_on_the_dequantized_weights(tiny, fmt):
     """QLoRA: adapters on a frozen int8 or int4 base get the gradients of the same adapters on a
     float32 copy of the dequantized weights (the base's input gradient is recomputed in backward)."""
-    quantized = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize=fmt)
-    full = Qwen3Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize="none")
+    quantized = Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize=fmt)
+    full = Embedder.from_pretrained(tiny, device="cpu", dtype="float32", quantize="none")
     with torch.no_grad():  # the float32 model gets exactly the quantized model's weights
         stored = dict(quantized.model.named_modules())
         for name, module in full.model.named_modules():
@@ -211,7 +212,7 @@ def test_a_lora_step_on_a_stored_base_saves_activations_only(bf16_model, fmt):
     """No weight-sized tensor is kept for the backward pass: the stored base converts its weight
     again there (weights.Dequantize). "none" here is bf16 as shipped computed in float32, which
     converts too. Checked on every tensor autograd saves, with saved_tensors_hooks."""
-    model = Qwen3Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize=fmt)
+    model = Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize=fmt)
     add_lora(model.model, rank=2, alpha=4, targets=list(lora.TARGETS))
     weight_sizes = {m.out_features * m.in_features for m in model.model.modules() if isinstance(m, StoredLinear)}
     ids = model.tokenize(TEXTS[:2])
@@ -227,13 +228,13 @@ def test_a_lora_step_on_a_stored_base_saves_activations_only(bf16_model, fmt):
 
 
 def test_the_streamed_reference_equals_the_model_as_shipped_holding_one_block(bf16_model, monkeypatch):
-    shipped = Qwen3Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize="none")
+    shipped = Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize="none")
     ids = shipped.tokenize(TEXTS)
     lengths = torch.tensor([len(i) for i in ids])
     flat = [t for i in ids for t in i]
     config = shipped.model.config
     loaded = []  # weakrefs to every block (or norm) the reference loads: at most one alive at a time
-    original = qwen_embed.load_weights
+    original = weights.load_stored
 
     def counting(model, *args, **kw):
         original(model, *args, **kw)
@@ -243,7 +244,7 @@ def test_the_streamed_reference_equals_the_model_as_shipped_holding_one_block(bf
         gc.collect()
         alive = [m() for m in loaded if m() is not None]
         assert len(alive) <= 1, [type(m).__name__ for m in alive]
-    monkeypatch.setattr(qwen_embed, "load_weights", counting)
+    monkeypatch.setattr(weights, "load_stored", counting)
     for layer in (None, 2):
         with torch.no_grad():
             want = shipped.model(torch.tensor(flat), lengths, return_layers=True)
@@ -251,11 +252,11 @@ def test_the_streamed_reference_equals_the_model_as_shipped_holding_one_block(bf
         # One run of texts: the model's own batch, to 1e-6. Several: other batches, so other matmul
         # blockings, to the batch invariance the suite holds everywhere (1e-5).
         for max_tokens, tolerance in ((2048, 1e-6), (40, 1e-5)):
-            got = qwen_embed.streamed_states(bf16_model, config, ids, torch.device("cpu"), torch.float32, layer,
+            got = weights.streamed_states(bf16_model, config, ids, torch.device("cpu"), torch.float32, layer,
                                              max_tokens)
             assert (got - want).abs().max().item() <= tolerance
     assert len(loaded) == 2 * (3 + 1) + 2 * 2  # 3 blocks and the norm, then 2 blocks; twice each
-    int8 = Qwen3Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize="int8")
+    int8 = Embedder.from_pretrained(bf16_model, device="cpu", dtype="float32", quantize="int8")
     cos = int8.fidelity(TEXTS)  # the same measurement as encoding with both models
     assert torch.allclose(cos, cosines(int8.encode(TEXTS, progress=False), shipped.encode(TEXTS, progress=False)),
                           atol=1e-6)
@@ -337,9 +338,9 @@ def test_max_memory_too_small_stops_before_any_weight_is_read(tmp_path, tiny, mo
     def no_read(*a, **k):
         raise AssertionError("a weight was read")
 
-    monkeypatch.setattr(qwen_embed, "safe_open", no_read)
+    monkeypatch.setattr(qwen_embed, "safe_open", no_read)  # the one reader of weights
     with pytest.raises(ValueError, match="the model does not fit.*--max-memory 0.001"):
-        Qwen3Embedder.from_pretrained(tiny, device="cpu", max_memory=0.001)
+        Embedder.from_pretrained(tiny, device="cpu", max_memory=0.001)
     data = write_csv(tmp_path / "train.csv")
     message = cli_error(train, ["--data", str(data), "--model", str(tiny), *PINNED, "--max-memory", "0.001",
                                 "--cache-dir", str(tmp_path / "cache"), "--quiet", "--out", str(tmp_path / "out")])
@@ -409,7 +410,7 @@ def test_every_tensor_of_a_forward_is_on_the_model_device(tiny, fmt):
     with DeviceMixing() as mode:
         final, layers = model(torch.zeros(9, dtype=torch.long, device="meta"), lengths, return_layers=True)
         for pooling in ("last", "mean"):
-            v = Qwen3Embedder.pool(layers[1], lengths, pooling, None, True)
+            v = Embedder.pool(layers[1], lengths, pooling, None, True)
     assert final.device.type == v.device.type == "meta" and v.shape == (3, config.hidden_size)
     assert not mode.mixed, mode.mixed
 

@@ -1,9 +1,9 @@
 """Draw what train.py runs learned, from their --out folders: learning curves, layer sweeps, sweeps.
 
-    python plot.py runs/map --out curves.png                  # val MAP@3 and losses per epoch
-    python plot.py runs/a runs/b --out compare.png            # several runs overlaid, named by folder
-    python plot.py runs/layers --out layers.svg               # --layer-sweep: val MAP@3 by layer
-    python plot.py runs/sweep --out sweep.pdf                 # --sweep: val MAP@3 by each hyperparameter
+    python tools/plot.py runs/map --out curves.png                  # val MAP@3 and losses per epoch
+    python tools/plot.py runs/a runs/b --out compare.png            # several runs overlaid, named by folder
+    python tools/plot.py runs/layers --out layers.svg               # --layer-sweep: val MAP@3 by layer
+    python tools/plot.py runs/sweep --out sweep.pdf                 # --sweep: val MAP@3 by each hyperparameter
 
 Reads only the CSV and JSON files a run writes (history.csv, layer_sweep.csv, sweep.csv,
 args.json), so a figure can be redrawn without the model or the vectors. The kind is chosen from

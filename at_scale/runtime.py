@@ -12,38 +12,11 @@ import inspect
 import os
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
+
 GB = 1e9  # memory is reported in decimal GB, as the Hub and GPU spec sheets do
-
-
-# ---------------------------------------------------------------------------- the checkpoint folder
-
-def resolve_model_dir(name_or_path, revision=None):
-    """A local directory as is; otherwise a Hugging Face repo id, downloaded into the standard
-    cache.
-
-    Only config, tokenizer and safetensors files are fetched (never pickled weights or code);
-    HF_HUB_OFFLINE=1 makes this read the cache alone.
-    """
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        if folder.exists() or str(name_or_path).startswith((".", "/", "~")):
-            raise FileNotFoundError(f"{name_or_path}: not a model directory")
-        from huggingface_hub import snapshot_download
-        try:
-            folder = Path(snapshot_download(str(name_or_path), revision=revision,
-                                            allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-        except Exception as e:  # offline with an empty cache, unknown repo, no network, ...
-            why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-            raise FileNotFoundError(f"{name_or_path}: not a local directory and not fetched from "
-                                    f"the Hugging Face Hub ({why})") from None
-    for needed in ("config.json", "tokenizer.json"):
-        if not (folder / needed).is_file():
-            raise FileNotFoundError(f"{folder / needed}: missing from the model directory")
-    return folder
 
 
 # ----------------------------------------------------------------------------- device and dtype

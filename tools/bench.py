@@ -1,8 +1,8 @@
-"""Throughput of Qwen3Embedder.encode against the reference stack, same weights, same texts, one run.
+"""Throughput of Embedder.encode against the reference stack, same weights, same texts, one run.
 
-    python bench.py --shape 0.6b --layers 4 --texts 384           # CPU, float32 (a few minutes)
-    python bench.py --shape 8b --texts 4096 --device cuda         # GPU, bfloat16
-    python bench.py --head --device cuda                          # the head phase at full MAP size
+    python tools/bench.py --shape 0.6b --layers 4 --texts 384           # CPU, float32 (a few minutes)
+    python tools/bench.py --shape 8b --texts 4096 --device cuda         # GPU, bfloat16
+    python tools/bench.py --head --device cuda                          # the head phase at full MAP size
 
 Weights are random at a real model's shape (--layers keeps CPU runs short: per-layer cost is what
 matters). Texts are ../shared/data/map_dev_sample.csv rendered with train.py's default template
@@ -27,12 +27,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import MAP_TEMPLATE, read_csv, render
-from qwen_embed import Qwen3Config, Qwen3Embedder
-from random_checkpoint import SHAPES, make_checkpoint
-from runtime import default_batch_tokens, dtype_name, pick_device_dtype
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # a tool, run as tools/bench.py: the project's modules are one folder up
 
-SHARED = Path(__file__).parent.parent / "shared"
+from at_scale.embedder import Embedder  # noqa: E402
+from at_scale.runtime import default_batch_tokens, dtype_name, pick_device_dtype  # noqa: E402
+from data import MAP_TEMPLATE, read_csv, render  # noqa: E402
+from qwen_embed import Qwen3Config  # noqa: E402
+from tools.random_checkpoint import SHAPES, make_checkpoint  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
 
 
 def load_texts(n, seed=0):
@@ -142,7 +146,7 @@ def measure_loading(folder, device, dtype, quantize, size):
 def time_ours(args, folder, texts, device, dtype):
     """Ours at default settings (no batch arguments; compile by job size), first call and warm, then
     int8 and int4 weights, other token budgets and compile settings: how far the default is from the best."""
-    ours = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, quantize=args.quantize,
+    ours = Embedder.from_pretrained(folder, device=device, dtype=dtype, quantize=args.quantize,
                                          max_memory=args.max_memory, log=print)
     encode = lambda **kw: ours.encode(texts, max_length=args.max_length, progress=False, **kw)
     first = timed("ours, defaults, first call", encode, device)
@@ -153,7 +157,7 @@ def time_ours(args, folder, texts, device, dtype):
     del ours
     variants = [(q, c) for q in ("none", "int8", "int4") for c in ((False,) if args.no_compiled_variants else (False, True))]
     for quantize, compiled in variants:
-        model = Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=compiled, quantize=quantize)
+        model = Embedder.from_pretrained(folder, device=device, dtype=dtype, compile=compiled, quantize=quantize)
         budgets = args.budgets or ([1024, 2048, 4096, 8192] if device.type == "cpu" else [8192, 16384, 32768, 65536])
         for budget in budgets if quantize == "none" else budgets[:1]:
             run = lambda: model.encode(texts, max_length=args.max_length, progress=False, max_batch_tokens=budget)
@@ -233,7 +237,7 @@ def main(args):
         for quantize in ("none", "int8", "int4"):
             measure_loading(folder, device, dtype, quantize, size)
         config = Qwen3Config.from_json(folder / "config.json")
-        lengths = [len(ids) for ids in Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype)
+        lengths = [len(ids) for ids in Embedder.from_pretrained(folder, device=device, dtype=dtype)
                    .tokenize(texts, max_length=args.max_length)]
         print(f"texts: {len(texts)}, real tokens {sum(lengths)}, median {sorted(lengths)[len(lengths) // 2]}, "
               f"max {max(lengths)}")
@@ -272,7 +276,7 @@ def bench_head(args):
 def measure_load(folder, device, dtype, quantize):
     with PeakRSS() as mem:
         t = time.perf_counter()
-        Qwen3Embedder.from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
+        Embedder.from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
         seconds = time.perf_counter() - t
     print(json.dumps({"seconds": seconds, "peak_bytes": mem.delta}))
 

@@ -1,7 +1,7 @@
 """Write a random Qwen3 checkpoint laid out like the Hub's repos, tiny or at a real model's shape.
 
-    python random_checkpoint.py DIR                                   # tiny: 2 layers, hidden 64
-    python random_checkpoint.py DIR --shape 8b --dtype bfloat16 --shards 4 --prefix model. \
+    python tools/random_checkpoint.py DIR                                   # tiny: 2 layers, hidden 64
+    python tools/random_checkpoint.py DIR --shape 8b --dtype bfloat16 --shards 4 --prefix model. \
         --tokenizer ../shared/tokenizer/tokenizer.json                # Qwen3-8B's exact shape, 16.4 GB
 
 Real weights cannot be downloaded in CI, so tests, benchmarks and memory measurements use these:

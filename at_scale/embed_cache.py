@@ -35,13 +35,11 @@ import torch
 from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
-import runtime
-import torchrun
-import weights
+from at_scale import runtime, torchrun, weights
+from at_scale.embedder import Embedder, NonFiniteError, layer_keys, silent
+from at_scale.runtime import TextTooLongError
 from data import DiskFullError, atomic_path
-from qwen_embed import (POOLINGS, NonFiniteError, Qwen3Config, Qwen3Embedder, checkpoint_tensors,
-                        layer_keys, reference_vectors, silent)
-from runtime import TextTooLongError
+from qwen_embed import POOLINGS, Qwen3Config, resolve_model_dir
 
 MIB = 1 << 20
 COMPACT_AT = 8  # chunk files in one cache folder before they are merged into one
@@ -141,7 +139,7 @@ VECTOR_CODE = (
     "dequantize", "Dequantize.forward", "StoredLinear.forward", "StoredEmbedding.forward",
     "power_of_two_at_least", "Float16Linear.__init__", "Float16Linear.forward",
     "Float16Linear.weight16", "float16_attention", "guard_float16")
-CODE_MODULES = ("qwen_embed", "runtime", "weights")
+CODE_MODULES = ("qwen_embed", "at_scale.runtime", "at_scale.weights")
 
 
 @functools.cache
@@ -218,7 +216,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
     rank, world, device = torchrun.distributed(runtime.pick_device(run.device))  # before GPU work
     if rank:  # logs and progress bars from rank 0 only
         log, run = silent, replace(run, progress=False, fidelity_texts=0)
-    folder = runtime.resolve_model_dir(spec.model)
+    folder = resolve_model_dir(spec.model)
     config = Qwen3Config.from_json(folder / "config.json")
     if layers == "all":
         layers = [None, *range(config.num_hidden_layers + 1)]
@@ -245,7 +243,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
             if requested is None and float32.dir.is_dir():  # a T4's default was float32 before
                 log(f"float16 is this GPU's default now: computing afresh; the float32 vectors "
                     f"cached before stay valid for --dtype float32 ({float32.dir})")
-        embedder = Qwen3Embedder.load(folder, config, device, runtime.DTYPES[spec.dtype],
+        embedder = Embedder.load(folder, config, device, runtime.DTYPES[spec.dtype],
                                       spec.weights, run.compile, spec.model)
         found = compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches,
                         spec, run, row_names(texts, ids), log)
@@ -270,8 +268,8 @@ def say_code(caches, todo, log):
             f"({', '.join(changed)}): computing afresh")
     legacy = sum(len(cache.legacy) for cache in caches)
     if legacy:
-        log(f"note: {legacy} cache file(s) from before the code's fingerprint was recorded: used as "
-            f"they are (delete them to recompute with this code)")
+        log(f"note: {legacy} cache file(s) from before the code's fingerprint was recorded: used "
+            f"as they are (delete them to recompute with this code)")
 
 
 def row_names(texts, ids):
@@ -286,7 +284,7 @@ def decide(spec, run, folder, config, device, keys):
     budget with room for a batch). Returns (decided spec, the line saying why that format, the
     bytes the model and a batch will hold)."""
     dtype = runtime.pick_device_dtype(device, spec.dtype)[1]
-    tensors = checkpoint_tensors(folder)
+    tensors = weights.checkpoint_tensors(folder)
     budget = run.max_batch_tokens or runtime.room_batch_tokens(config, device, dtype,
                                                                any(k is not None for k in keys))
     fmt, why = weights.choose_format(spec.weights, tensors, config, dtype, budget,
@@ -426,14 +424,15 @@ def measure_sample(embedder, texts, n, spec, log):
 def measure_fidelity(embedder, texts, spec, log, vectors=None):
     """Per-text cosine between the quantized embedder's vectors of texts under spec (vectors, if
     the run has computed them already, else encoded here) and the weights as shipped
-    (qwen_embed.reference_vectors), one line saying what it found, a warning below FIDELITY_WARN.
+    (weights.reference_vectors), one line saying what it found, a warning below FIDELITY_WARN.
     Returns {"format", "texts", "min", "mean", "seconds"}."""
     t0 = time.time()
     if vectors is None:
         vectors = embedder.encode(texts, spec.instruction, max_length=spec.max_length, dim=spec.dim,
                                   pooling=spec.pooling, progress=False, layers=[spec.layer],
                                   append_eos=spec.eos)[spec.layer]
-    reference = reference_vectors(embedder, texts, spec.instruction, spec.max_length, spec.pooling,
+    reference = weights.reference_vectors(embedder, texts, spec.instruction, spec.max_length,
+                                          spec.pooling,
                                   spec.layer, spec.dim, spec.eos)
     cos = (vectors * reference).sum(-1)
     found = {"format": embedder.weight_format, "texts": len(texts),
@@ -484,10 +483,10 @@ def runs(indices):
 
 
 class Cache:
-    """One spec's folder of chunk files. Each chunk records the fingerprint of the code that computed
-    it (code_fingerprint, in its safetensors metadata, not in the folder's name): a chunk of other
-    code is skipped, left on disk for the code that wrote it, and its texts computed afresh; a chunk
-    written before fingerprints existed is used, and said (legacy)."""
+    """One spec's folder of chunk files. Each chunk records the fingerprint of the code that
+    computed it (code_fingerprint, in its safetensors metadata, not in the folder's name): a chunk
+    of other code is skipped, left on disk for the code that wrote it, and its texts computed
+    afresh; a chunk written before fingerprints existed is used, and said (legacy)."""
 
     def __init__(self, cache_dir, spec):
         self.spec = spec

@@ -24,12 +24,14 @@ before any weight is read, from the safetensors headers and the memory budget.
 import json
 import math
 import struct
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime import GB, activation_bytes, dtype_name
+from at_scale.runtime import GB, activation_bytes, default_batch_tokens, dtype_name, plan_batches
+from qwen_embed import Block, Packing, RMSNorm, our_key, pool, read_checkpoint, rope, weight_files
 
 GROUP = 32  # weights per scale: llama.cpp's block size; 128 and 64 measured worse (README)
 FORMATS = ("none", "int8", "int4")
@@ -41,7 +43,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.
                       "I8": torch.int8, "U8": torch.uint8}
 
 
-# ----------------------------------------------------------------------------- the quantizer
+# ---------------------------------------------------------------------------------- the quantizer
 
 def groups(w):  # (out, in) -> (out, in / GROUP, GROUP) float32
     if w.shape[-1] % GROUP:
@@ -101,7 +103,7 @@ def bits_of(key, fmt):
     return 8 if fmt == "int8" or key.endswith(MIXED_8BIT) else 4
 
 
-# ----------------------------------------------------------------------------- stored layers
+# ---------------------------------------------------------------------------------- stored layers
 
 class Dequantize(torch.autograd.Function):
     """x @ W.T for a frozen stored weight that keeps nothing for the backward pass: the gradient
@@ -228,7 +230,93 @@ def apply_format(model, stored, dtype):
         setattr(model.get_submodule(parent), attr, new)
 
 
-# ----------------------------------------------------------------------------- guarded float16
+# ---------------------------------------------------------------------------------------- loading
+
+def checkpoint_tensors(folder):
+    """{our key: (shape, dtype on disk)} from the safetensors headers: what choose_format weighs."""
+    out = {}
+    for file in weight_files(folder):
+        try:
+            header = read_header(file)
+        except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        out.update({our_key(k): v for k, v in header.items() if our_key(k)})
+    return out
+
+
+def load_stored(model, folder, device, dtype, fmt="none", prefix=""):
+    """qwen_embed.load_weights, each tensor read straight into its stored form (as shipped, int8 or
+    int4: read_stored) on device, then StoredLinear / StoredEmbedding swapped in where that form
+    is not the compute dtype (apply_format) before the model is filled: never a second copy of the
+    model. prefix: load only the tensors under it (e.g. "layers.3." into one Block)."""
+    offsets = {}  # per file: where each tensor's bytes start (quantizing reads a block of rows)
+
+    def read(f, key, file):
+        if file not in offsets:
+            offsets[file] = read_header(file, offsets=True)
+        return read_stored(f, key, fmt, dtype, device, file, offsets[file][key])
+
+    stored = read_checkpoint(model, folder, read, prefix)
+    apply_format(model, stored, dtype)
+    state = {key.removesuffix("weight") + name: t
+             for key, tensors in stored.items() for name, t in tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+
+# ---------------------------------------------------- the weights as shipped, one block at a time
+
+@torch.inference_mode()
+def streamed_states(folder, config, ids, device, dtype, layer=None, max_tokens=2048):
+    """The hidden states of tokenized texts with the weights as shipped, read from the checkpoint
+    one block at a time (a block in memory, then dropped): the reference a quantized model is
+    measured against, wherever the quantized model itself fits. ids: token ids per text; layer: as
+    in Qwen3Model (None: the final normed output, else the residual stream after that many
+    blocks). Returns (N, hidden), the texts' tokens concatenated. Every text passes a block before
+    the next block is read, in runs of consecutive texts of at most max_tokens tokens."""
+    embed = next(((file, key) for file in weight_files(Path(folder)) for key in
+                  read_header(file) if our_key(key) == "embed_tokens.weight"), None)
+    if embed is None:
+        raise ValueError(f"{folder}: no embed_tokens.weight in the checkpoint")
+    file, key = embed
+    shape, source = read_header(file)[key]
+    offset = read_header(file, offsets=True)[key]
+    runs, states = [], []  # (pack, cos, sin) of each run of texts; its hidden states (n, hidden)
+    for chunk in plan_batches([len(i) for i in ids], max_tokens, ordered=True):
+        flat = [t for i in chunk for t in ids[i]]
+        states.append(read_lookup(file, offset, shape, source, flat).to(device, dtype))
+        pack = Packing([len(ids[i]) for i in chunk], device)
+        runs.append((pack, *rope(pack.positions, config.head_dim, config.rope_theta, dtype)))
+    for i in range(config.num_hidden_layers if layer is None else layer):
+        with torch.device("meta"):
+            block = Block(config)
+        load_stored(block, folder, device, dtype, "none", prefix=f"layers.{i}.")
+        states = [block(x, cos, sin, pack) for x, (pack, cos, sin) in zip(states, runs)]
+        del block
+    x = torch.cat(states)
+    if layer is not None:
+        return x
+    with torch.device("meta"):
+        norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    load_stored(norm, folder, device, dtype, "none", prefix="norm.")
+    return norm(x)
+
+
+def reference_vectors(embedder, texts, instruction=None, max_length=8192, pooling="last",
+                      layer=None, dim=None, append_eos=True):
+    """What embedder.encode would return with the weights as shipped (L2-normed), computed with them
+    streamed from the checkpoint one block at a time (streamed_states), in the embedder's compute
+    dtype: the yardstick of a quantized model, at the memory of one block more."""
+    ids = embedder.tokenize(texts, instruction, max_length, append_eos)
+    config = embedder.model.config
+    key = None if layer is None else layer % (config.num_hidden_layers + 1)  # as stored
+    dtype = torch.float32 if embedder.dtype == torch.float16 else embedder.dtype  # never plain fp16
+    h = streamed_states(embedder.folder, config, ids, embedder.device, dtype, key,
+                        default_batch_tokens(config, embedder.device, dtype))
+    return pool(h, torch.tensor([len(i) for i in ids]), pooling, dim, True).cpu()
+
+
+# -------------------------------------------------------------------------------- guarded float16
 
 # GPUs without bf16 (T4, V100: compute capability 7.x) have float16 tensor cores, 8x their float32
 # rate on a T4. Plain float16 overflows on Qwen3 (NaN vectors, QwenLM/Qwen3-Embedding#164): not in
@@ -255,8 +343,10 @@ class Float16Linear(nn.Module):
     def __init__(self, base):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        quantized = isinstance(base, StoredLinear) and base.weight.dtype in (torch.int8, torch.uint8)
-        w = base.full_weight(torch.float32) if isinstance(base, StoredLinear) else base.weight.float()
+        quantized = isinstance(base, StoredLinear) and base.weight.dtype in (torch.int8,
+                                                                             torch.uint8)
+        w = (base.full_weight(torch.float32) if isinstance(base, StoredLinear)
+             else base.weight.float())
         row_scale = power_of_two_at_least(w.norm(dim=1))  # (out,)
         self.register_buffer("row_scale", row_scale)
         if quantized:  # kept in its stored form, as small as it was: dequantized at each call
@@ -301,7 +391,7 @@ def guard_float16(model):
     return model
 
 
-# ----------------------------------------------------------------------------- choosing a format
+# ------------------------------------------------------------------------------ choosing a format
 
 def read_header(file, offsets=False):
     """{key: (shape, dtype)} from a safetensors file's JSON header, without reading a tensor; with
