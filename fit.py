@@ -4,6 +4,7 @@ seeded generator, the epoch with the best validation MAP@3 kept. The loss is mlp
 validation MAP@3 mlp_head.score_head.
 """
 
+import inspect
 import math
 import time
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, tag=None):
 
     def batch_loss(idx):
         idx = idx.to(device)
-        return head_loss(head(x_tr[idx]), y_tr[idx], args.label_smoothing)
+        return head_loss(head(x_tr[idx]), y_tr[idx], **flags_for(head_loss, args))
 
     best = train_loop(head, [group], len(x_tr), batch_loss,
                       lambda: score_head(head, x_va, y_va, labels) if len(x_va) else None,
@@ -37,9 +38,17 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, tag=None):
     return head.cpu().eval(), best._replace(state=None)
 
 
+def flags_for(function, args):
+    """{name: value} of the flags named as function's keyword arguments (--label-smoothing for
+    head_loss's label_smoothing): a new argument of MLPHead or head_loss, and a train.py flag of
+    the same name, is all a new head option or loss term needs."""
+    names = [p.name for p in inspect.signature(function).parameters.values()
+             if p.default is not inspect.Parameter.empty]
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
 def make_head(in_dim, n_classes, args, device):
-    head = MLPHead(in_dim, n_classes, args.hidden, args.dropout, args.activation, args.input_norm)
-    head = head.to(device)
+    head = MLPHead(in_dim, n_classes, **flags_for(MLPHead, args)).to(device)
     group = {"params": list(head.parameters()), "lr": args.lr, "peak": args.lr,
              "weight_decay": args.weight_decay, "name": "head"}
     return head, group

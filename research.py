@@ -29,7 +29,7 @@ from at_scale.weights import checkpoint_tensors
 from cli import check_ranges, log
 from data import write_tables
 import fit
-from fit import interrupted, make_head, score_head, train_head, train_loop
+from fit import flags_for, interrupted, make_head, score_head, train_head, train_loop
 from mlp_head import head_loss
 from qwen_embed import POOLINGS, Qwen3Config
 
@@ -83,7 +83,7 @@ def add_flags(p):
                    help="the same for last and mean pooling")
     r.add_argument("--sweep", type=int, default=0,
                    help="try N random head configurations, rank them, save the best")
-    t = p.add_argument_group("fine-tuning the embedder with LoRA (lora.py)")
+    t = p.add_argument_group("fine-tuning the embedder with LoRA (at_scale/lora.py)")
     t.add_argument("--lora-rank", type=int, default=0,
                    help="rank of the adapters; 0: frozen vectors (cached)")
     t.add_argument("--lora-alpha", type=float, default=16,
@@ -225,7 +225,8 @@ def train_lora(args, spec, texts, task):
         lengths = torch.tensor([len(ids[i]) for i in rows])
         flat = torch.tensor([t for i in rows for t in ids[i]]).to(embedder.device)
         v = embedder.pool(model(flat, lengths), lengths, spec.pooling, spec.dim, normalize=True)
-        return head_loss(head(v.to(head_device)), y[tr[idx]].to(head_device), args.label_smoothing)
+        return head_loss(head(v.to(head_device)), y[tr[idx]].to(head_device),
+                         **flags_for(head_loss, args))
 
     def validate():
         if not len(va):

@@ -249,6 +249,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
                         spec, run, row_names(texts, ids), log)
         for cache in caches.values() if found else ():
             cache.note({"fidelity": found})
+        embedder.fast.release(embedder.model)  # what compiling it holds goes with it
         del embedder  # the model's memory is free before anything reads the vectors
     torchrun.barrier(world)  # all chunks written
     if rank:

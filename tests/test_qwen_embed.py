@@ -325,13 +325,14 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
     here; the same vectors as the eager path; a compile that fails falls back to eager, warning."""
     import torch._dynamo
     from at_scale import runtime
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     compiled = Embedder.from_pretrained(tiny, device="cpu", dtype="float32", compile=True)
-    for kw in ({"batch_size": 2}, {"max_batch_tokens": 40}, {}):
-        assert (compiled.encode(TEXTS, progress=False, **kw) - ours.encode(TEXTS, progress=False)).abs().max() <= TOL
-        assert compiled.compiled  # a failed compile (or a recompile past the limit) would have fallen back
+    # dynamo's own patch, which restores its config as it was (monkeypatch's restore leaves an
+    # alias such as recompile_limit broken for the compiles of later tests after a reset)
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for kw in ({"batch_size": 2}, {"max_batch_tokens": 40}, {}):
+            assert (compiled.encode(TEXTS, progress=False, **kw) - ours.encode(TEXTS, progress=False)).abs().max() <= TOL
+            assert compiled.compiled  # a failed compile (or a recompile past the limit) would have fallen back
 
     auto = Embedder.from_pretrained(tiny, device="cpu", dtype="float32")  # compile=None: by job size
     auto.encode(TEXTS, progress=False)

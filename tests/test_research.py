@@ -14,6 +14,7 @@ import train
 from data import add_answer_is_correct, map_correct_answers, read_csv, render
 from mlp_head import load_checkpoint
 from at_scale.embedder import Embedder
+from qwen_embed import POOLINGS
 from helpers import count_forward_passes, write_csv
 
 
@@ -31,7 +32,7 @@ def test_layer_sweep_one_row_per_layer_one_pass_for_all(base, tiny, monkeypatch)
                      log=logs.append)
     n_layers = 3
     assert [(r[0], r[1]) for r in res["table"]] == \
-        [(p, name) for p in ("last", "mean") for name in ["final (normed)"] + [str(i) for i in range(n_layers + 1)]]
+        [(p, name) for p in POOLINGS for name in ["final (normed)"] + [str(i) for i in range(n_layers + 1)]]
     assert len(calls) == 1  # 48 texts in one batch: one forward pass, both poolings of every layer
     assert all(0 <= float(r[2]) <= 1 for r in res["table"])
     # The per-layer vectors are cached under their own keys: the plain run and a --layer run are free.
