@@ -1,7 +1,7 @@
 """The one training loop, for a head on frozen vectors (train_head) and for LoRA (research.py):
-AdamW over parameter groups, linear warmup then cosine decay (get_lr), the rows shuffled each epoch by a
-seeded generator, the epoch with the best validation MAP@3 kept. The loss is mlp_head.head_loss,
-validation MAP@3 mlp_head.score_head.
+AdamW over parameter groups, linear warmup then cosine decay (get_lr), the rows shuffled each
+epoch by a seeded generator, the epoch with the best validation MAP@3 (score_head, below) kept.
+The loss is mlp_head.head_loss.
 """
 
 import inspect
@@ -26,10 +26,11 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, tag=None):
     x_tr, y_tr, x_va, y_va = (t.to(device) for t in (x_tr, y_tr, x_va, y_va))
     torch.manual_seed(args.seed)  # same seed, same init, same batches, same numbers (same device)
     head, group = make_head(x_tr.shape[1], len(labels), args, device)
+    loss_options = flags_for(head_loss, args)  # once, not at every step
 
     def batch_loss(idx):
         idx = idx.to(device)
-        return head_loss(head(x_tr[idx]), y_tr[idx], **flags_for(head_loss, args))
+        return head_loss(head(x_tr[idx]), y_tr[idx], **loss_options)
 
     best = train_loop(head, [group], len(x_tr), batch_loss,
                       lambda: score_head(head, x_va, y_va, labels) if len(x_va) else None,

@@ -219,14 +219,14 @@ def train_lora(args, spec, texts, task):
                 "weight_decay": 0.0, "name": "lora"}
     ids = embedder.tokenize(texts, spec.instruction, spec.max_length, spec.eos)
     tr, va, y = task.tr, task.va, task.y
+    loss_options = flags_for(head_loss, args)  # once, not at every step
 
     def batch_loss(idx):  # the model with gradients on these texts, pooled and L2-normed as cached
         rows = tr[idx].tolist()
         lengths = torch.tensor([len(ids[i]) for i in rows])
         flat = torch.tensor([t for i in rows for t in ids[i]]).to(embedder.device)
         v = embedder.pool(model(flat, lengths), lengths, spec.pooling, spec.dim, normalize=True)
-        return head_loss(head(v.to(head_device)), y[tr[idx]].to(head_device),
-                         **flags_for(head_loss, args))
+        return head_loss(head(v.to(head_device)), y[tr[idx]].to(head_device), **loss_options)
 
     def validate():
         if not len(va):

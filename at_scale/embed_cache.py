@@ -605,8 +605,9 @@ class Cache:
         code = {"code": self.code, "functions": json.dumps(self.functions)}
         with atomic_path(path) as tmp:
             save_file({"keys": keys.contiguous(), "vectors": vectors.contiguous()}, str(tmp), code)
-        if self.code not in self.info().get("code", {}):  # readable beside the spec, not hashed
-            self.note({"code": {**self.info().get("code", {}), self.code: self.functions}})
+        known = self.info().get("code", {})
+        if self.code not in known:  # readable beside the spec, not hashed
+            self.note({"code": {**known, self.code: self.functions}})
         return path
 
     def compact(self, dim, max_files=COMPACT_AT):

@@ -1,5 +1,6 @@
 """What several test modules share: pinned flags, a CSV writer, a one-line-error runner, counters."""
 
+import argparse
 import csv
 import re
 from pathlib import Path
@@ -64,3 +65,20 @@ def embedded(log):
 def cached_keys(cache):
     """The distinct text keys in a cache folder's chunk files."""
     return {bytes(k) for f in cache.glob("*/chunk-*.safetensors") for k in load_file(f)["keys"].numpy()}
+
+
+def parser_actions(parse_args, argv):
+    """{flag: argparse action} of the parser that a script's parse_args builds (--help left out)."""
+    found = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        found.update({x.option_strings[0]: x for x in self._actions
+                      if x.option_strings and x.option_strings[0] != "-h"})
+        return original(self, *a, **k)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        parse_args(argv)
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return found

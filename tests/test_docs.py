@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from helpers import ROOT
+from helpers import ROOT, parser_actions
 
 
 def definitions(file):
@@ -84,24 +84,6 @@ def test_every_flag_documents_its_default():
                 assert "None:" in text or "None," in text, (script, flag, text)
 
 
-def help_actions(module, argv):
-    """{flag: argparse action} of a script's parser, --help excluded."""
-    import argparse
-    found = {}
-    original = argparse.ArgumentParser.parse_args
-
-    def grab(self, *a, **k):
-        found.update({x.option_strings[0]: x for x in self._actions
-                      if x.option_strings and x.option_strings[0] != "-h"})
-        return original(self, *a, **k)
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        module.parse_args(argv)
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    return found
-
-
 def test_the_flag_reference_and_help_agree_both_ways():
     """docs/flags.md has a row for each flag of --help, saying what it takes (its choices, or the
     kind of number), and names no flag that --help lacks."""
@@ -111,7 +93,7 @@ def test_the_flag_reference_and_help_agree_both_ways():
     sections = dict(re.findall(r"\n## (\w+\.py)\n(.*?)(?=\n## |\Z)", doc, re.S))
     for script, module, argv in (("train.py", train, []),
                                  ("evaluate.py", evaluate, ["--checkpoint", "c", "--data", "d"])):
-        actions = help_actions(module, argv)
+        actions = parser_actions(module.parse_args, argv)
         rows = {m[1]: m[2] for m in re.finditer(r"^\| `(--[\w-]+)` \| ([^|]+) \|", sections[script],
                                                   re.M)}
         assert rows.keys() == actions.keys(), (script, rows.keys() ^ actions.keys())

@@ -12,7 +12,7 @@ from torch import nn
 from at_scale import embed_cache
 from at_scale import runtime
 import train
-from helpers import PINNED, write_csv
+from helpers import write_csv
 from at_scale.embedder import Embedder
 from qwen_embed import Qwen3Config, Qwen3Model, load_tokenizer, load_weights, tokenize
 from tools.random_checkpoint import make_checkpoint

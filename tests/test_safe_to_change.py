@@ -2,7 +2,6 @@
 evaluation embeds exactly as training did, heads load by name, and every numeric flag is checked
 before any forward pass."""
 
-import argparse
 import csv
 import json
 import re
@@ -19,7 +18,7 @@ from torch import nn
 from at_scale import embed_cache
 import evaluate
 import train
-from helpers import PINNED, ROOT, cli_error, count_forward_passes, write_csv
+from helpers import PINNED, ROOT, cli_error, count_forward_passes, parser_actions, write_csv
 from mlp_head import load_checkpoint
 from qwen_embed import POOLINGS, pool
 
@@ -218,7 +217,7 @@ def test_a_head_that_does_not_match_its_meta_names_the_weights(tmp_path):
 
 def test_one_list_of_poolings_and_pool_refuses_an_unknown_name():
     assert train.parse_args([]).pooling in POOLINGS
-    action = next(a for a in parser_of(train.parse_args, []) if a.dest == "pooling")
+    action = parser_actions(train.parse_args, [])["--pooling"]
     assert tuple(action.choices) == POOLINGS
     with pytest.raises(ValueError, match="pooling must be one of"):
         pool(torch.randn(5, 4), torch.tensor([2, 3]), "max")
@@ -227,22 +226,6 @@ def test_one_list_of_poolings_and_pool_refuses_an_unknown_name():
 
 
 # ----------------------------------------------------------------------------- every flag checked
-
-def parser_of(parse_args, argv):
-    """The actions of the parser parse_args builds."""
-    found = []
-    original = argparse.ArgumentParser.parse_args
-
-    def grab(self, *a, **k):
-        found.extend(self._actions)
-        return original(self, *a, **k)
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        parse_args(argv)
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    return found
-
 
 # Each numeric flag with an invalid range, and a value out of it; the flags with none.
 BAD = {"--val-frac": "1", "--folds": "-1", "--max-length": "1", "--dim": "0", "--layer": "9",
@@ -255,7 +238,7 @@ NO_INVALID = {"--seed"}  # any integer seeds the generators
 
 
 def numeric_flags(parse_args, argv):
-    return [a.option_strings[0] for a in parser_of(parse_args, argv) if a.type in (int, float)]
+    return [flag for flag, a in parser_actions(parse_args, argv).items() if a.type in (int, float)]
 
 
 def test_every_numeric_flag_is_listed_here():
