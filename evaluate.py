@@ -10,15 +10,11 @@ no forward pass, and only the rows scored are read from the cache.
 import argparse
 import csv
 from dataclasses import replace
-from pathlib import Path
-
-from safetensors.torch import load_file
 
 import cli
 from at_scale import embed_cache
 from at_scale.embed_cache import EmbedSpec
-from at_scale.embedder import Embedder
-from at_scale.lora import add_lora, load_adapters, merge_lora
+from at_scale.lora import lora_vectors
 from at_scale.runtime import default_dtype, dtype_name, pick_device
 from data import (DiskFullError, atomic_path, check_ids, labels_of, read_csv, require_columns,
                   row_texts)
@@ -52,29 +48,6 @@ def embedding_dtype(args, spec):
     return dtype
 
 
-def lora_vectors(args, spec, lora, texts):
-    """A fine-tuned checkpoint: the base model with its adapters, merged into the weights where the
-    base is a plain layer, kept apart on an int8 base (merging would quantize the update away),
-    then plain encode. Not cached: the cache holds the base model's vectors."""
-    embedder = Embedder.from_pretrained(spec.model, device=args.device, dtype=spec.dtype,
-                                             compile=args.compile, quantize=spec.weights,
-                                             max_memory=args.max_memory, log=print)
-    embed_cache.measure_sample(embedder, texts, args.fidelity_texts, spec, print)
-    add_lora(embedder.model, lora["rank"], lora["alpha"], lora["targets"], lora["layers"])
-    file = Path(args.checkpoint) / lora["file"]
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing from the checkpoint")
-    load_adapters(embedder.model, load_file(file), file)
-    kept = merge_lora(embedder.model)
-    how = "kept apart, on a stored base" if kept else "merged"
-    print(f"LoRA checkpoint (rank {lora['rank']}): adapters {how} in {spec.model}; vectors are not "
-          f"cached")
-    return embedder.encode(texts, spec.instruction, batch_size=args.batch_size,
-                           max_length=spec.max_length, dim=spec.dim, pooling=spec.pooling,
-                           max_batch_tokens=args.max_batch_tokens, progress=not args.quiet,
-                           append_eos=spec.eos)
-
-
 def load_texts(args, spec):
     """The CSV's rows, checked against the checkpoint's spec, and their texts."""
     columns, rows = read_csv(args.data)
@@ -95,7 +68,7 @@ def main(args):
     spec = EmbedSpec.from_meta(saved)
     spec = replace(spec, dtype=embedding_dtype(args, saved), weights=args.quantize or spec.weights)
     if meta.get("lora"):
-        vectors = lora_vectors(args, spec, meta["lora"], texts)
+        vectors = lora_vectors(args.checkpoint, meta["lora"], spec, texts, options)
     else:
         stored = embed_cache.ensure_cached(texts, spec, options,
                                            ids=[row[saved["id_col"]] for row in rows])

@@ -1,11 +1,12 @@
 """The one training loop, for a head on frozen vectors (train_head) and for LoRA (research.py):
 AdamW over parameter groups, linear warmup then cosine decay (get_lr), the rows shuffled each
 epoch by a seeded generator, the epoch with the best validation MAP@3 (score_head, below) kept.
-The loss is mlp_head.head_loss.
+The loss is mlp_head.head_loss. cross_validate fits one head per fold (train.py --folds).
 """
 
 import inspect
 import math
+import statistics
 import time
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from at_scale.runtime import pick_device
 from cli import log
+from data import kfold
 from mlp_head import MLPHead, head_loss, map_at_k, predict_proba, top_k
 
 
@@ -181,3 +183,32 @@ def say_best(args, best, task):
 def best_results(best):
     return {"val_map3": best.scores.map3, "val_acc": best.scores.acc, "val_loss": best.scores.loss,
             "best_epoch": best.epoch}
+
+
+def cross_validate(args, x, task, quiet=False):
+    """K heads, each validated on its held-out fold -> (heads, out-of-fold probabilities, results,
+    tables: {"history.csv", "folds.csv"} rows). x is held once; each fold copies only its own
+    split. quiet: no epoch lines (the extra stratified CV of a grouped run)."""
+    fold = torch.tensor(kfold(task.truth, args.folds, task.groups, args.seed))
+    heads, oof, maps, history, folds = [], torch.zeros(len(task.y), len(task.labels)), [], [], []
+    kind = f"grouped by {args.group_col}" if task.groups else "stratified"
+    def progress():  # for Ctrl-C
+        done = f" (val MAP@3 of the folds done: {', '.join(f'{m:.4f}' for m in maps)})"
+        return f"in fold {len(maps) + 1} of {args.folds}" + (done if maps else "")
+
+    with interrupted(progress):
+        for k in range(args.folds):
+            tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
+            head, best = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels, args,
+                                    tag=None if quiet else f"fold {k}  ")
+            heads.append(head)
+            oof[va] = best.scores.probs
+            maps.append(best.scores.map3)
+            history += [{"cv": kind, "fold": k, **row} for row in best.history]
+            folds.append({"cv": kind, "fold": k, **best_results(best), "val_rows": len(va)})
+    res = {"fold_map3": maps, "map3_mean": statistics.mean(maps),
+           "map3_std": statistics.stdev(maps), "cv": kind,
+           "oof_map3": map_at_k(task.truth, top_k(oof, task.labels))}
+    log(f"{args.folds}-fold MAP@3 {res['map3_mean']:.4f} ± {res['map3_std']:.4f}, "
+        f"out-of-fold MAP@3 {res['oof_map3']:.4f} ({kind})")
+    return heads, oof, res, {"history.csv": history, "folds.csv": folds}

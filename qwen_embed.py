@@ -6,14 +6,12 @@
 
     python qwen_embed.py MODEL "a text" "another text"    # the vectors' shape, their cosines
 
-Notable features: RMSNorm on q and k per head, rotate-half RoPE, grouped-query attention, SwiGLU
-MLP, safetensors loaded straight onto the meta-built model, last-token pooling. It follows
-transformers' `models/qwen3/modeling_qwen3.py` and matches it to float32 rounding (tests/). The
-batch is *packed*: the real tokens of all texts are concatenated, with no padding, so the matmuls
-(almost all of the FLOPs) never touch a pad token; only attention sees the texts apart. Read top
-to bottom: the config, the model, pooling, loading, tokens, then Qwen3Embedder. It imports nothing
-of its project: what real sizes need (weights kept as shipped or in int8/int4, guarded float16,
-memory, the out-of-memory runner, compile, the vector cache) is in at_scale/, which imports this.
+It follows transformers' `models/qwen3/modeling_qwen3.py` and matches it to float32 rounding
+(tests/), with the batch packed instead of padded. Read top to bottom, it is the way a text
+travels: tokens, the config, the model, pooling, loading a checkpoint, then Qwen3Embedder, which
+puts them together. It imports nothing of its project: what real sizes need (weights kept as
+shipped or in int8/int4, guarded float16, memory, the out-of-memory runner, compile, the vector
+cache) is in at_scale/, which imports this file and plugs in at named places.
 """
 
 import json
@@ -29,13 +27,58 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
 
+
+# ------------------------------------------------------------------------------------------- tokens
+
 EOS = "<|endoftext|>"  # Qwen3-Embedding was trained to summarise the text into this token's state
-# How a text's token states become one vector (pool): the one list that the flags, EmbedSpec,
-# encode and --compare-pooling read. "last" is what Qwen3-Embedding is trained for.
-POOLINGS = ("last", "mean")
 
 
-# ----------------------------------------------------------------------------- config
+def load_tokenizer(folder):
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:
+        raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+    tokenizer.no_truncation()  # we truncate ourselves, keeping EOS last
+    tokenizer.no_padding()     # and pack instead of padding
+    tokenizer.encode_special_tokens = True  # a "<|endoftext|>" written in a text is text (tokenize)
+    return tokenizer
+
+
+def tokenize(tokenizer, texts, instruction=None, max_length=8192, append_eos=True):
+    """Token ids per text, at most max_length long, each ending with exactly one EOS.
+
+    The Qwen3-Embedding tokenizer appends EOS in its post-processor and plain Qwen3 LLM
+    tokenizers do not; we encode without special tokens and append it ourselves, so both give
+    the same ids, and truncation keeps the EOS whose hidden state becomes the embedding. A
+    text is data, not control: special tokens written in it (a literal "<|endoftext|>") are
+    tokenized as the plain text they are, never as the special token (as transformers does
+    with split_special_tokens=True; by default it would parse them, and a text would hold an
+    EOS before its end). append_eos=False embeds the text's own tokens alone, as llama.cpp
+    does for a plain Qwen3 LLM (its GGUF sets add_eos_token false): "last" pooling then
+    takes the last real token.
+    """
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings")
+    if max_length < 1 + append_eos:
+        raise ValueError(f"max_length must be >= {1 + append_eos} (one text token"
+                         f"{' and EOS' * append_eos}), got {max_length}")
+    if instruction is not None:  # exactly the official Qwen3-Embedding query format
+        texts = [f"Instruct: {instruction}\nQuery:{t}" for t in texts]
+    try:
+        encoded = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    except TypeError:  # the only str the tokenizer rejects: a lone surrogate, not valid Unicode
+        bad = [i for i, t in enumerate(texts) if not t.encode("utf-8", "ignore").decode() == t]
+        raise ValueError(f"texts {bad[:20]} are not valid Unicode (lone surrogates)") from None
+    if append_eos:
+        return [e.ids[: max_length - 1] + [tokenizer.token_to_id(EOS)] for e in encoded]
+    empty = [i for i, e in enumerate(encoded) if not e.ids]
+    if empty:
+        raise ValueError(f"texts {empty[:20]} are empty: without EOS (--no-eos) an empty text has "
+                         f"no token to embed")
+    return [e.ids[:max_length] for e in encoded]
+
+
+# ------------------------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
 class Qwen3Config:
@@ -80,7 +123,7 @@ class Qwen3Config:
         return cls(**{f: cfg[f] for f in cls.__dataclass_fields__})
 
 
-# ----------------------------------------------------------------------------- model
+# -------------------------------------------------------------------------------------------- model
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -233,7 +276,12 @@ class Qwen3Model(nn.Module):
         return (x, layers) if return_layers else x
 
 
-# ----------------------------------------------------------------------------- pooling
+# ------------------------------------------------------------------------------------------ pooling
+
+# How a text's token states become one vector: the one list that the flags, the cache's spec,
+# encode and --compare-pooling read. "last" is what Qwen3-Embedding is trained for.
+POOLINGS = ("last", "mean")
+
 
 def pool(h, lengths, pooling, dim=None, normalize=True):
     """Hidden states to one vector per text. h: (N, hidden) packed; lengths: (B,) on the host ->
@@ -253,7 +301,7 @@ def pool(h, lengths, pooling, dim=None, normalize=True):
     return F.normalize(v, dim=-1) if normalize else v
 
 
-# ----------------------------------------------------------------------------- loading
+# ------------------------------------------------------------------------------------------ loading
 
 def resolve_model_dir(name_or_path, revision=None):
     """A local directory as is; otherwise a Hugging Face repo id, downloaded into the standard
@@ -320,8 +368,8 @@ def read_checkpoint(model, folder, read, prefix=""):
     missing = sorted(expected.keys() - stored.keys())
     unexpected = sorted(stored.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not fit config.json: missing {few(missing)}, "
-                         f"unexpected {few(unexpected)}")
+        raise ValueError(f"{folder}: checkpoint does not fit config.json: missing {missing[:5]} "
+                         f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
     return stored
 
 
@@ -334,74 +382,20 @@ def load_weights(model, folder, device, dtype):
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def few(names):
-    """A list for an error message: its first five, and how many in all."""
-    return f"{names[:5]}{' ...' if len(names) > 5 else ''} ({len(names)})"
-
-
-def load_tokenizer(folder):
-    try:
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    except Exception as e:
-        raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
-    tokenizer.no_truncation()  # we truncate ourselves, keeping EOS last
-    tokenizer.no_padding()     # and pack instead of padding
-    tokenizer.encode_special_tokens = True  # a "<|endoftext|>" written in a text is text (tokenize)
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------- tokens
-
-def tokenize(tokenizer, texts, instruction=None, max_length=8192, append_eos=True):
-    """Token ids per text, at most max_length long, each ending with exactly one EOS.
-
-    The Qwen3-Embedding tokenizer appends EOS in its post-processor and plain Qwen3 LLM
-    tokenizers do not; we encode without special tokens and append it ourselves, so both give
-    the same ids, and truncation keeps the EOS whose hidden state becomes the embedding. A
-    text is data, not control: special tokens written in it (a literal "<|endoftext|>") are
-    tokenized as the plain text they are, never as the special token (as transformers does
-    with split_special_tokens=True; by default it would parse them, and a text would hold an
-    EOS before its end). append_eos=False embeds the text's own tokens alone, as llama.cpp
-    does for a plain Qwen3 LLM (its GGUF sets add_eos_token false): "last" pooling then
-    takes the last real token.
-    """
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts must be a list of strings")
-    if max_length < 1 + append_eos:
-        raise ValueError(f"max_length must be >= {1 + append_eos} (one text token"
-                         f"{' and EOS' * append_eos}), got {max_length}")
-    if instruction is not None:  # exactly the official Qwen3-Embedding query format
-        texts = [f"Instruct: {instruction}\nQuery:{t}" for t in texts]
-    try:
-        encoded = tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    except TypeError:  # the only str the tokenizer rejects: a lone surrogate, not valid Unicode
-        bad = [i for i, t in enumerate(texts) if not t.encode("utf-8", "ignore").decode() == t]
-        raise ValueError(f"texts {bad[:20]} are not valid Unicode (lone surrogates)") from None
-    if append_eos:
-        return [e.ids[: max_length - 1] + [tokenizer.token_to_id(EOS)] for e in encoded]
-    empty = [i for i, e in enumerate(encoded) if not e.ids]
-    if empty:
-        raise ValueError(f"texts {empty[:20]} are empty: without EOS (--no-eos) an empty text has "
-                         f"no token to embed")
-    return [e.ids[:max_length] for e in encoded]
-
-
-# ----------------------------------------------------------------------------- embedder
+# ----------------------------------------------------------------------------------------- embedder
 
 def pick_device_dtype(device=None, dtype=None):
     """(device, dtype): CUDA if there is a GPU, else the CPU; bf16 on a GPU that has it, else
     float32. float16 is refused: Qwen3's activations overflow it (at_scale/weights.py guards it)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, dtype)
+    dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype is None:
         bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         dtype = torch.bfloat16 if bf16 else torch.float32
-    if dtype == torch.float16:
-        raise ValueError("float16 overflows on Qwen3's activations (NaN vectors); use bfloat16 or "
-                         "float32 here, or at_scale's guarded float16")
     if dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"unknown dtype {dtype!r} (use 'bfloat16' or 'float32')")
+        why = ("float16 overflows on Qwen3's activations (NaN vectors)" if dtype == torch.float16
+               else f"unknown dtype {dtype!r}")
+        raise ValueError(f"{why}: use bfloat16 or float32 here, or at_scale's guarded float16")
     return device, dtype
 
 

@@ -6,7 +6,7 @@
 The first run embeds every text (the only expensive step) and caches the vectors; later runs that
 change only head flags (--epochs, --lr, --hidden, ...) read the cache and run no forward pass. One
 run, top to bottom: flags, rows, texts, vectors (one call into the cache), a head on one split or
-one per fold (train_head, train_loop), the checkpoint. The research modes (--sweep, --layer-sweep,
+one per fold (fit.py: train_head, cross_validate), the checkpoint. The research modes (--sweep, --layer-sweep,
 --compare-pooling, --lora-rank) are research.py, through the same loop. `python train.py --help`
 lists every flag (docs/flags.md says what each takes); main(args) is importable by tests.
 """
@@ -16,7 +16,6 @@ import csv
 import dataclasses
 import io
 import json
-import statistics
 import time
 from typing import NamedTuple
 
@@ -30,7 +29,7 @@ from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, check_ids, kfold,
                   map_correct_answers, read_csv, require_columns, row_texts, split, table_csv)
 import fit
 from fit import interrupted, train_head
-from mlp_head import ACTIVATIONS, map_at_k, save_checkpoint, top_k
+from mlp_head import ACTIVATIONS, save_checkpoint, top_k
 from qwen_embed import POOLINGS
 
 # ---------------------------------------------------------------------------------------- the run
@@ -181,39 +180,10 @@ def fit_folds(args, x, task):
     results, tables = {}, {"history.csv": [], "folds.csv": []}
     if task.groups is not None:  # the competition's test asks train's questions: stratified CV too
         ungrouped = task._replace(groups=None)
-        _, _, results["stratified"], tables = cross_validate(args, x, ungrouped, quiet=True)
-    heads, oof, res, mine = cross_validate(args, x, task)
+        _, _, results["stratified"], tables = fit.cross_validate(args, x, ungrouped, quiet=True)
+    heads, oof, res, mine = fit.cross_validate(args, x, task)
     tables = {name: tables[name] + rows for name, rows in mine.items()}
     return fit.Fitted(heads, torch.arange(len(task.y)), oof, {**results, **res}, tables)
-
-
-def cross_validate(args, x, task, quiet=False):
-    """K heads, each validated on its held-out fold -> (heads, out-of-fold probabilities, results,
-    tables: {"history.csv", "folds.csv"} rows). x is held once; each fold copies only its own
-    split. quiet: no epoch lines (the extra stratified CV of a grouped run)."""
-    fold = torch.tensor(kfold(task.truth, args.folds, task.groups, args.seed))
-    heads, oof, maps, history, folds = [], torch.zeros(len(task.y), len(task.labels)), [], [], []
-    kind = f"grouped by {args.group_col}" if task.groups else "stratified"
-    def progress():  # for Ctrl-C
-        done = f" (val MAP@3 of the folds done: {', '.join(f'{m:.4f}' for m in maps)})"
-        return f"in fold {len(maps) + 1} of {args.folds}" + (done if maps else "")
-
-    with interrupted(progress):
-        for k in range(args.folds):
-            tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
-            head, best = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels, args,
-                                    tag=None if quiet else f"fold {k}  ")
-            heads.append(head)
-            oof[va] = best.scores.probs
-            maps.append(best.scores.map3)
-            history += [{"cv": kind, "fold": k, **row} for row in best.history]
-            folds.append({"cv": kind, "fold": k, **fit.best_results(best), "val_rows": len(va)})
-    res = {"fold_map3": maps, "map3_mean": statistics.mean(maps),
-           "map3_std": statistics.stdev(maps), "cv": kind,
-           "oof_map3": map_at_k(task.truth, top_k(oof, task.labels))}
-    log(f"{args.folds}-fold MAP@3 {res['map3_mean']:.4f} ± {res['map3_std']:.4f}, "
-        f"out-of-fold MAP@3 {res['oof_map3']:.4f} ({kind})")
-    return heads, oof, res, {"history.csv": history, "folds.csv": folds}
 
 
 # ------------------------------------------------------------------------------- what a run keeps

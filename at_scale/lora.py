@@ -4,6 +4,7 @@
     ...train the adapters (train.py --lora-rank 8 trains them with the head)...
     merge_lora(model)  # W <- W + (alpha / rank) B A: plain nn.Linear again, no cost at inference
     checkpoint_blocks(model)  # --grad-checkpoint: recompute each block in the backward pass
+    lora_vectors(folder, lora, spec, texts, options)  # evaluate.py: a LoRA checkpoint's vectors
 
 An adapted layer computes W x + (alpha / rank) B (A x). W stays frozen; A (rank, in) starts random
 and B (out, rank) zero, so training starts from the base model's exact outputs and only
@@ -14,11 +15,16 @@ there (merging would quantize the update away).
 """
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from at_scale import embed_cache
+from at_scale.embedder import Embedder
 
 TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
@@ -116,3 +122,26 @@ def checkpointed(forward):
             return checkpoint(forward, *args, use_reentrant=False)
         return forward(*args)
     return run
+
+
+def lora_vectors(folder, lora, spec, texts, options, log=print):
+    """The vectors of a fine-tuned checkpoint (evaluate.py): spec's base model with the adapters
+    saved in folder (lora: meta.json's entry), merged into the weights where the base is a plain
+    layer, kept apart on an int8 base (merging would quantize the update away), then plain encode.
+    Not cached: the cache holds the base model's vectors. options: embed_cache.RunOptions."""
+    embedder = Embedder.from_pretrained(spec.model, device=options.device, dtype=spec.dtype,
+                                        compile=options.compile, quantize=spec.weights,
+                                        max_memory=options.max_memory, log=log)
+    embed_cache.measure_sample(embedder, texts, options.fidelity_texts, spec, log)
+    add_lora(embedder.model, lora["rank"], lora["alpha"], lora["targets"], lora["layers"])
+    file = Path(folder) / lora["file"]
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing from the checkpoint")
+    load_adapters(embedder.model, load_file(file), file)
+    how = "kept apart, on a stored base" if merge_lora(embedder.model) else "merged"
+    log(f"LoRA checkpoint (rank {lora['rank']}): adapters {how} in {spec.model}; vectors are not "
+        f"cached")
+    return embedder.encode(texts, spec.instruction, batch_size=options.batch_size,
+                           max_length=spec.max_length, dim=spec.dim, pooling=spec.pooling,
+                           max_batch_tokens=options.max_batch_tokens, progress=options.progress,
+                           append_eos=spec.eos)

@@ -110,3 +110,29 @@ def test_the_flag_reference_and_help_agree_both_ways():
         named = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", sections[script]))
         named -= {f"--no-{f[2:]}" for f, a in actions.items() if a.nargs == 0}
         assert named <= actions.keys(), (script, named - actions.keys())
+
+
+def test_how_it_works_reads_the_core_top_to_bottom():
+    """Part one follows qwen_embed.py's sections in the file's order: the map's rows name the
+    file's section dividers in order, each symbol listed is defined under its section, and each
+    numbered section of Part one first names code from the same section as the one before or a
+    later one."""
+    doc = (ROOT / "HOW_IT_WORKS.md").read_text()
+    source = (ROOT / "qwen_embed.py").read_text().splitlines()
+    dividers = [(i, line.split()[-1]) for i, line in enumerate(source, 1)
+                if re.fullmatch(r"# -+ \w+", line)]
+    section_of = {}  # a top-level name of qwen_embed.py -> the index of the divider above it
+    for node in ast.parse("\n".join(source)).body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for name in names:
+            section_of[name] = sum(line < node.lineno for line, _ in dividers) - 1
+    rows = re.findall(r"^\| (\w+) \| (.+) \| [\d, ]+ \|$", doc, re.M)
+    assert [name for name, _ in rows] == [name for _, name in dividers]
+    for k, (name, symbols) in enumerate(rows):
+        for symbol in re.findall(r"\[([\w.]+)\]\(qwen_embed\.py\)", symbols):
+            assert section_of[symbol.split(".")[0]] == k, f"{symbol} is not under '{name}'"
+    part_one = doc.split("# Part one")[1].split("# Part two")[0]
+    first = [section_of[m.split(".")[0]] for chunk in part_one.split("\n## ")[1:]
+             for m in re.findall(r"\[([\w.]+)\]\(qwen_embed\.py\)", chunk)[:1]]
+    assert len(first) == 7 and first == sorted(first), first

@@ -255,6 +255,7 @@ def main(args):
 def bench_head(args):
     """The head phase at the MAP competition's full size (36,696 rows of 8B vectors, 65 classes),
     random vectors and labels, train.py's default head flags, K-fold cross-validation."""
+    import fit
     import train
     device = pick_device_dtype(args.device)[0]
     g = torch.Generator().manual_seed(0)
@@ -265,7 +266,7 @@ def bench_head(args):
                               "--head-device", str(device)])
     t = time.perf_counter()
     task = train.Task(labels, y, [labels[i] for i in y.tolist()], torch.arange(len(y)), y[:0], None)
-    train.cross_validate(flags, x, task, quiet=True)
+    fit.cross_validate(flags, x, task, quiet=True)
     sync(device)
     seconds, epochs = time.perf_counter() - t, args.head_folds * args.head_epochs
     print(f"head: {args.head_rows} x {args.head_dim} vectors, {args.head_classes} classes, {args.head_folds} folds x "
