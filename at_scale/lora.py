@@ -129,14 +129,14 @@ def lora_vectors(folder, lora, spec, texts, options, log=print):
     saved in folder (lora: meta.json's entry), merged into the weights where the base is a plain
     layer, kept apart on an int8 base (merging would quantize the update away), then plain encode.
     Not cached: the cache holds the base model's vectors. options: embed_cache.RunOptions."""
+    file = Path(folder) / lora["file"]
+    if not file.is_file():  # before the base model loads, which can take minutes
+        raise FileNotFoundError(f"{file}: missing from the checkpoint")
     embedder = Embedder.from_pretrained(spec.model, device=options.device, dtype=spec.dtype,
                                         compile=options.compile, quantize=spec.weights,
                                         max_memory=options.max_memory, log=log)
     embed_cache.measure_sample(embedder, texts, options.fidelity_texts, spec, log)
     add_lora(embedder.model, lora["rank"], lora["alpha"], lora["targets"], lora["layers"])
-    file = Path(folder) / lora["file"]
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing from the checkpoint")
     load_adapters(embedder.model, load_file(file), file)
     how = "kept apart, on a stored base" if merge_lora(embedder.model) else "merged"
     log(f"LoRA checkpoint (rank {lora['rank']}): adapters {how} in {spec.model}; vectors are not "

@@ -110,6 +110,9 @@ def test_train_save_load_evaluate_round_trip(tmp_path, tiny):
         probs = out["probs"][int(row["row_id"])]
         assert torch.allclose(probs, torch.tensor([float(row[f"p_{label}"]) for label in labels]), atol=1e-4)
     assert not (tmp_path / "cache").exists()
+    (tmp_path / "run" / "lora.safetensors").unlink()  # a checkpoint missing its adapters: one line
+    assert "lora.safetensors: missing from the checkpoint" in cli_error(
+        evaluate, ["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--device", "cpu"])
 
 
 @pytest.mark.parametrize("flags, message", [
