@@ -192,6 +192,7 @@ def cross_validate(args, x, task, quiet=False):
     fold = torch.tensor(kfold(task.truth, args.folds, task.groups, args.seed))
     heads, oof, maps, history, folds = [], torch.zeros(len(task.y), len(task.labels)), [], [], []
     kind = f"grouped by {args.group_col}" if task.groups else "stratified"
+
     def progress():  # for Ctrl-C
         done = f" (val MAP@3 of the folds done: {', '.join(f'{m:.4f}' for m in maps)})"
         return f"in fold {len(maps) + 1} of {args.folds}" + (done if maps else "")

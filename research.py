@@ -97,7 +97,6 @@ def add_flags(p):
                    "activations in the backward pass: less memory, about a third more time")
 
 
-
 # ----------------------------------------------------------------------------- the head sweep
 
 class Trial(NamedTuple):
@@ -248,7 +247,7 @@ def train_lora(args, spec, texts, task):
     results = {**fit.best_results(best),
                "lora_trainable_params": sum(t.numel() for t in lora.values())}
     fitted = fit.Fitted([head.cpu().eval()], va, best.scores.probs, results,
-                    {"history.csv": best.history}, lora=lora)
+                        {"history.csv": best.history}, lora=lora)
     return fitted, spec, fidelity
 
 
@@ -256,8 +255,8 @@ def lora_model(args, spec, texts):
     """The embedder with its adapters added (seeded) -> (embedder, the spec with its dtype and
     weight format as decided, the adapters' tensors, measure_fidelity's figures or None)."""
     embedder = Embedder.from_pretrained(spec.model, device=args.device, dtype=spec.dtype,
-                                             compile=False, quantize=spec.weights,
-                                             max_memory=args.max_memory, log=log)
+                                        compile=False, quantize=spec.weights,
+                                        max_memory=args.max_memory, log=log)
     spec = dataclasses.replace(spec, dtype=dtype_name(embedder.dtype),
                                weights=embedder.weight_format)
     fidelity = embed_cache.measure_sample(embedder, texts, args.fidelity_texts, spec, log)

@@ -6,9 +6,10 @@
 The first run embeds every text (the only expensive step) and caches the vectors; later runs that
 change only head flags (--epochs, --lr, --hidden, ...) read the cache and run no forward pass. One
 run, top to bottom: flags, rows, texts, vectors (one call into the cache), a head on one split or
-one per fold (fit.py: train_head, cross_validate), the checkpoint. The research modes (--sweep, --layer-sweep,
---compare-pooling, --lora-rank) are research.py, through the same loop. `python train.py --help`
-lists every flag (docs/flags.md says what each takes); main(args) is importable by tests.
+one per fold (fit.py: train_head, cross_validate), the checkpoint. The research modes (--sweep,
+--layer-sweep, --compare-pooling, --lora-rank) are research.py, through the same loop.
+`python train.py --help` lists every flag (docs/flags.md says what each takes); main(args) is
+importable by tests.
 """
 
 import argparse
@@ -33,6 +34,7 @@ from mlp_head import ACTIVATIONS, save_checkpoint, top_k
 from qwen_embed import POOLINGS
 
 # ---------------------------------------------------------------------------------------- the run
+
 
 def main(args, log=print):
     """Train as the flags say -> the results meta.json keeps; log: where the run's lines go."""
@@ -173,7 +175,7 @@ def fit_one(args, x, task):
                                 task.labels, args, tag="")
     fit.say_best(args, best, task)
     return fit.Fitted([head], task.va, best.scores.probs, fit.best_results(best),
-                  {"history.csv": best.history})
+                      {"history.csv": best.history})
 
 
 def fit_folds(args, x, task):
@@ -294,6 +296,7 @@ def add_head_flags(p):
                    help="checkpoint folder to write; None: nothing is written")
     import research  # the research modes' flags are theirs
     research.add_flags(p)
+
 
 if __name__ == "__main__":
     cli.cli(main, parse_args)

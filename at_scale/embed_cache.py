@@ -244,7 +244,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
                 log(f"float16 is this GPU's default now: computing afresh; the float32 vectors "
                     f"cached before stay valid for --dtype float32 ({float32.dir})")
         embedder = Embedder.load(folder, config, device, runtime.DTYPES[spec.dtype],
-                                      spec.weights, run.compile, spec.model)
+                                 spec.weights, run.compile, spec.model)
         found = compute(embedder, [texts[i] for i in todo], [text_key[i] for i in todo], caches,
                         spec, run, row_names(texts, ids), log)
         for cache in caches.values() if found else ():
@@ -433,8 +433,7 @@ def measure_fidelity(embedder, texts, spec, log, vectors=None):
                                   pooling=spec.pooling, progress=False, layers=[spec.layer],
                                   append_eos=spec.eos)[spec.layer]
     reference = weights.reference_vectors(embedder, texts, spec.instruction, spec.max_length,
-                                          spec.pooling,
-                                  spec.layer, spec.dim, spec.eos)
+                                          spec.pooling, spec.layer, spec.dim, spec.eos)
     cos = (vectors * reference).sum(-1)
     found = {"format": embedder.weight_format, "texts": len(texts),
              "min": round(cos.min().item(), 5), "mean": round(cos.mean().item(), 5),

@@ -129,7 +129,6 @@ class Embedder(Qwen3Embedder):
                                                  layer, None, append_eos)).sum(-1)
 
 
-
 # ----------------------------------------------------------------------- what encode is asked for
 
 def layer_keys(config, layers, dim=None):

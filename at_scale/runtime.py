@@ -221,7 +221,7 @@ def activation_bytes(c, dtype):
     live only during that matmul)."""
     itemsize = 4 if dtype == torch.float16 else dtype.itemsize
     return itemsize * (8 * c.hidden_size + 3 * c.intermediate_size
-                             + 4 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim)
+                       + 4 * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim)
 
 
 # ----------------------------------------------------------------------------- speed only

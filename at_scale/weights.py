@@ -263,7 +263,6 @@ def load_stored(model, folder, device, dtype, fmt="none", prefix=""):
     model.load_state_dict(state, strict=True, assign=True)
 
 
-
 # ---------------------------------------------------- the weights as shipped, one block at a time
 
 @torch.inference_mode()
