@@ -65,6 +65,34 @@ def cli(main, parse_args, argv=None):
         signal.signal(signal.SIGTERM, previous)
 
 
+def parse_given(parser, argv=None):
+    """parser.parse_args(argv), with .given: {dest: flag} of every flag the command line names, even
+    at its default value (parsed a second time with no defaults), so that a mode can refuse a flag
+    it would ignore or override instead of dropping it without a word."""
+    args = parser.parse_args(argv)
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        named = vars(parser.parse_args(argv))
+    finally:
+        for action, default in defaults:
+            action.default = default
+    words = [w.split("=")[0] for w in (sys.argv[1:] if argv is None else argv)]
+    args.given = {a.dest: next((f for f in a.option_strings if f in words), a.option_strings[0])
+                  for a in parser._actions if a.dest in named and a.option_strings}
+    return args
+
+
+def refuse_given(args, dests, mode, why):
+    """One line, before any work, if the command line names a flag of dests that mode would
+    ignore or override (why: 'ignores' or 'sets itself')."""
+    named = [flag for dest, flag in getattr(args, "given", {}).items() if dest in dests]
+    if named:
+        them = "it" if len(named) == 1 else "them"
+        raise ValueError(f"{mode} {why} {', '.join(named)}: drop {them}")
+
+
 def check_ranges(checks):
     """(flag, value, ok, what it must be) for each numeric flag: the first one not ok is a one-line
     error, before any work."""

@@ -9,7 +9,9 @@ names the file, row or flag; the command-line scripts print that line and exit n
 import contextlib
 import csv
 import errno
+import fnmatch
 import io
+import json
 import os
 import random
 import shutil
@@ -17,12 +19,23 @@ import string
 import sys
 import tempfile
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 # The MAP format: the question, the multiple-choice answer the student picked, their explanation.
 MAP_TEMPLATE = ("Question: {QuestionText}\nAnswer: {MC_Answer}\n"
                 "Student explanation: {StudentExplanation}")
 CORRECT_SUFFIX = "\nIs the answer correct? {AnswerIsCorrect}"  # train.py --map-correct
+
+
+@dataclass(frozen=True)
+class RowsSpec:
+    """How a CSV row becomes the text embedded and its label: what a checkpoint records beside its
+    EmbedSpec, so that evaluation reads rows as training did."""
+    text_template: str
+    label_cols: list
+    id_col: str
+    correct_answers: dict | None = None  # --map-correct: {QuestionId: the answer taken as correct}
 
 
 def read_csv(path):
@@ -41,6 +54,9 @@ def read_csv(path):
             header = next(reader, None)
             if not header:
                 raise ValueError(f"{path}: empty file (no header row)")
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:  # a row dict would keep the last one without a word
+                raise ValueError(f"{path}: the header names column(s) {repeated} more than once")
             rows = []
             for fields in reader:
                 if not fields:  # a blank line
@@ -125,6 +141,9 @@ def map_correct_answers(rows):
 
 
 def add_answer_is_correct(rows, correct):
+    """AnswerIsCorrect per row: "yes" if its MC_Answer is its question's answer in correct, else
+    "no", a question that correct does not hold included (the docs say so; evaluation counts
+    them)."""
     for row in rows:
         is_correct = correct.get(row["QuestionId"]) == row["MC_Answer"]
         row["AnswerIsCorrect"] = "yes" if is_correct else "no"
@@ -213,19 +232,88 @@ def is_disk_full(error):
             or any(f"os error {n})" in str(error) for n in full))
 
 
+# A run's folder lists what it wrote in MANIFEST, so that a later run replaces it whole and never
+# deletes a file someone else put there. Folders of before the manifest are recognised by the names
+# the runs of then wrote.
+MANIFEST = "manifest.json"
+NAMES_BEFORE_MANIFEST = ("meta.json", "args.json", "val_predictions.csv", "history.csv",
+                         "folds.csv", "sweep.csv", "layer_sweep.csv", "results.json",
+                         "lora.safetensors", "head.safetensors", "head-*.safetensors")
+
+
+def leftovers(path):
+    """The temporary folders atomic_path made beside path (.NAME.xxxxxxxx), oldest first."""
+    path = Path(path)
+    found = path.parent.glob(f".{glob_escape(path.name)}.????????") if path.parent.is_dir() else []
+    return sorted((d for d in found if d.is_dir()), key=lambda d: d.stat().st_mtime)
+
+
+def glob_escape(name):
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def restore(path, log=print):
+    """Finish what a run killed while replacing path left: if path is gone and a leftover holds
+    the previous version (old), it is put back; every leftover is then removed (they are ours)."""
+    path = Path(path)
+    for leftover in leftovers(path):
+        if not path.exists() and (leftover / "old").exists():
+            os.replace(leftover / "old", path)
+            log(f"{path}: a run was stopped while replacing it; the previous version is back")
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def ours(folder):
+    """The files of folder a run of this code wrote: its manifest's list, or the names runs wrote
+    before manifests; None if it holds anything else."""
+    names = {f.name for f in folder.iterdir()}
+    try:
+        listed = set(json.loads((folder / MANIFEST).read_text())) | {MANIFEST}
+    except (OSError, ValueError, TypeError):
+        listed = {n for n in names if any(fnmatch.fnmatch(n, p) for p in NAMES_BEFORE_MANIFEST)}
+    return names if names <= listed and all((folder / n).is_file() for n in names) else None
+
+
+def check_out(path, flag="--out", kind="folder", owned=None):
+    """Before any work: an output path that a run may write, or a one-line refusal. A folder may
+    replace a missing path, an empty folder, or a folder that holds exactly a run's files (ours);
+    a file may replace a missing path or a file that owned(path) says a run wrote. A run killed
+    while replacing path is finished first (restore)."""
+    path = Path(path)
+    restore(path)
+    if not path.exists():
+        return
+    if kind == "folder":
+        if not path.is_dir():
+            raise ValueError(f"{flag} {path}: is a file, not a folder; name a new folder")
+        if ours(path) is None:
+            others = sorted(f.name for f in path.iterdir())
+            raise ValueError(f"{flag} {path}: the folder holds files no run wrote "
+                             f"({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}); "
+                             f"name a new or empty folder")
+    elif path.is_dir() or not (owned and owned(path)):
+        what = "a folder" if path.is_dir() else "a file this program did not write"
+        raise ValueError(f"{flag} {path}: is {what}; name a new file")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, so a
-    reader never sees a half-written file or folder. On failure or Ctrl-C it is removed; a full
-    disk becomes DiskFullError (one line: the folder and its free space)."""
+    """Yield a temporary path beside `path`; on success it replaces `path` so that a reader never
+    sees a half-written file or folder. A folder gets a MANIFEST of the files written into it, and
+    replaces the old one in two renames (old aside, new in place): a kill between them leaves the
+    old one aside, which the next check_out or restore puts back. On failure or Ctrl-C the
+    temporary path is removed; a full disk becomes DiskFullError (one line: the folder and its
+    free space)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / "tmp"
     try:
         yield tmp
+        if tmp.is_dir():
+            names = sorted(f.name for f in tmp.iterdir())
+            (tmp / MANIFEST).write_text(json.dumps(names, indent=1))
         if tmp.is_dir() and path.is_dir():  # a folder cannot be renamed over a folder: swap
-            old = tmp.parent / "old"
-            os.replace(path, old)
+            os.replace(path, tmp.parent / "old")
         os.replace(tmp, path)
     except Exception as e:
         if not is_disk_full(e):
@@ -236,6 +324,8 @@ def atomic_path(path):
                             f"({free / 1e6:.1f} MB free there); nothing half-written was "
                             f"kept") from None
     finally:
+        if not path.exists() and (tmp.parent / "old").exists():  # failed between the renames
+            os.replace(tmp.parent / "old", path)
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
@@ -251,7 +341,8 @@ def table_csv(rows):
 
 
 def write_tables(folder, tables, files=None):
-    """A folder of CSV tables (and other text files), written whole under a temporary name."""
+    """A folder of CSV tables (and other text files), written whole under a temporary name (the
+    caller checked it with check_out before its work)."""
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         texts = {**{name: table_csv(rows) for name, rows in tables.items()}, **(files or {})}

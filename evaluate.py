@@ -9,16 +9,19 @@ no forward pass, and only the rows scored are read from the cache.
 
 import argparse
 import csv
-from dataclasses import replace
+from dataclasses import fields, replace
+from pathlib import Path
 
 import cli
 from at_scale import embed_cache
-from at_scale.embed_cache import EmbedSpec
+from at_scale.embed_cache import EmbedSpec, Measured
+from at_scale.fingerprint import model_identity
 from at_scale.lora import lora_vectors
 from at_scale.runtime import default_dtype, dtype_name, pick_device
-from data import (DiskFullError, atomic_path, check_ids, labels_of, read_csv, require_columns,
-                  row_texts)
+from data import (DiskFullError, RowsSpec, atomic_path, check_ids, check_out, labels_of, read_csv,
+                  require_columns, row_texts)
 from mlp_head import load_checkpoint, map_at_k, predict_proba, top_k
+from qwen_embed import Qwen3Config, resolve_model_dir
 
 
 def write_submission(path, ids, predictions, id_col, label_cols):
@@ -53,20 +56,77 @@ def load_texts(args, spec):
     columns, rows = read_csv(args.data)
     require_columns(args.data, columns, [spec["id_col"]], "the checkpoint's id column")
     # trained with --map-correct: the answers it saw, not ones found again from these rows
-    texts = row_texts(args.data, columns, rows, spec["text_template"],
-                      spec.get("correct_answers"), whose="the checkpoint's ")
+    answers = spec.get("correct_answers")
+    texts = row_texts(args.data, columns, rows, spec["text_template"], answers,
+                      whose="the checkpoint's ")
     check_ids(args.data, rows, spec["id_col"])
+    if answers is not None:
+        unknown = [row for row in rows if row["QuestionId"] not in answers]
+        if unknown:
+            print(f"{len(unknown)} rows ({len({r['QuestionId'] for r in unknown})} questions) have "
+                  f"no known correct answer (their question was not in training): rendered as "
+                  f"AnswerIsCorrect: no")
     return columns, rows, texts
+
+
+def read_embedding(meta, folder):
+    """(EmbedSpec, the meta's embedding record): a key that no version of the code wrote is refused
+    (EmbedSpec.from_meta), the others being the fields of what train.py records beside the spec."""
+    beside = [f.name for kind in (RowsSpec, Measured) for f in fields(kind)]
+    return EmbedSpec.from_meta(meta["embedding"], folder / "meta.json", beside)
+
+
+def check_model(args, spec, saved, heads, options):
+    """Before any work: the model embeds with the content training used (a moved or copied folder
+    passes, other weights are refused, naming both), and its vectors fit the head's input. A
+    checkpoint from before the content was recorded is evaluated with one note."""
+    folder = resolve_model_dir(args.model or spec.model)
+    trained = saved.get("model_identity")
+    if trained is None:
+        print(f"note: the checkpoint does not record its model's content (saved before it was): "
+              f"embedding with {folder} as it is now, unchecked")
+    else:
+        now = model_identity(folder, options.cache_dir, print)
+        if now != trained:
+            raise ValueError(f"{args.model or spec.model}: its content ({now[:12]}) differs from "
+                             f"the model the head was trained with ({trained[:12]}); point "
+                             f"--model at that model, or train again")
+    config = Qwen3Config.from_json(folder / "config.json")
+    dim, want = spec.dim or config.hidden_size, heads[0].hparams["in_dim"]
+    if dim != want:
+        raise ValueError(f"{args.model or spec.model}: gives {dim}-d vectors, the head takes "
+                         f"{want}")
+
+
+def submission_header(meta):
+    saved = meta["embedding"]
+    return [saved["id_col"], ":".join(saved["label_cols"])]
+
+
+def owned_submission(header):
+    """Whether a file is a submission this program wrote (its header), so that it may be
+    replaced."""
+    def owned(path):
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                return next(csv.reader(f), None) == header
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return False
+    return owned
 
 
 def main(args):
     options = cli.run_options(args)  # the flags checked before anything is read
     heads, meta = load_checkpoint(args.checkpoint)
+    if args.out:
+        check_out(args.out, kind="file", owned=owned_submission(submission_header(meta)))
     saved, labels = meta["embedding"], meta["labels"]
+    spec = read_embedding(meta, Path(args.checkpoint))
     columns, rows, texts = load_texts(args, saved)
+    check_model(args, spec, saved, heads, options)
     # the vectors the head was trained on: the checkpoint's spec, its weights unless --quantize
-    spec = EmbedSpec.from_meta(saved)
-    spec = replace(spec, dtype=embedding_dtype(args, saved), weights=args.quantize or spec.weights)
+    spec = replace(spec, model=args.model or spec.model, dtype=embedding_dtype(args, saved),
+                   weights=args.quantize or spec.weights)
     if meta.get("lora"):
         vectors = lora_vectors(args.checkpoint, meta["lora"], spec, texts, options)
     else:
@@ -114,6 +174,9 @@ def parse_args(argv=None):
                    "its head was trained on")
     p.add_argument("--head-device", default=None,
                    help="where the heads predict; None: the embedding device")
+    p.add_argument("--model", default=None, help="a folder or Hub id to embed with, its content "
+                   "the one the head was trained with (a moved or copied model); None: the one "
+                   "the checkpoint names")
     cli.add_flags(p, quantize_default=None)
     return p.parse_args(argv)
 

@@ -28,11 +28,11 @@ def train_head(x_tr, y_tr, x_va, y_va, labels, args, tag=None):
     x_tr, y_tr, x_va, y_va = (t.to(device) for t in (x_tr, y_tr, x_va, y_va))
     torch.manual_seed(args.seed)  # same seed, same init, same batches, same numbers (same device)
     head, group = make_head(x_tr.shape[1], len(labels), args, device)
-    loss_options = flags_for(head_loss, args)  # once, not at every step
+    loss = make_loss(args, y_tr)
 
     def batch_loss(idx):
         idx = idx.to(device)
-        return head_loss(head(x_tr[idx]), y_tr[idx], **loss_options)
+        return loss(head(x_tr[idx]), y_tr[idx])
 
     best = train_loop(head, [group], len(x_tr), batch_loss,
                       lambda: score_head(head, x_va, y_va, labels) if len(x_va) else None,
@@ -48,6 +48,15 @@ def flags_for(function, args):
     names = [p.name for p in inspect.signature(function).parameters.values()
              if p.default is not inspect.Parameter.empty]
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def make_loss(args, y_train):
+    """The loss of every head this project trains (train_head, so one split, folds and sweeps; and
+    LoRA): head_loss with the options its flags set, read once, and what it is computed from in the
+    training rows y_train, so that an input found from the data (class weights, say) is added
+    here once and reaches every way of training -> loss(logits, y)."""
+    options = flags_for(head_loss, args)
+    return lambda logits, y: head_loss(logits, y, **options)
 
 
 def make_head(in_dim, n_classes, args, device):
@@ -95,6 +104,7 @@ def train_loop(head, groups, n_train, batch_loss, validate, snapshot, args, tag=
             opt.step()
             train_loss += loss.detach() * len(idx)
             step += 1
+        diverged(epoch, train_loss, head, args)
         val = validate() or Scores(*[float("nan")] * 3, torch.empty(0, head.hparams["n_classes"]))
         seconds = time.time() - t0
         lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(opt.param_groups)}
@@ -106,6 +116,16 @@ def train_loop(head, groups, n_train, batch_loss, validate, snapshot, args, tag=
         if best is None or math.isnan(val.map3) or val.map3 > best.scores.map3:  # nan: the last
             best = Best(epoch, val, history, snapshot())
     return best
+
+
+def diverged(epoch, train_loss, head, args):
+    """A loss or a head that became NaN or Inf ends training here, in one line naming the epoch:
+    such a head would predict the same labels for every row, and is never kept nor saved."""
+    if torch.isfinite(train_loss) and all(torch.isfinite(p).all() for p in head.parameters()):
+        return
+    what = "training loss" if not torch.isfinite(train_loss) else "head's weights"
+    raise FloatingPointError(f"epoch {epoch}: the {what} became NaN or Inf (is --lr {args.lr} too "
+                             f"high?); training stopped, no head was kept")
 
 
 def epoch_line(tag, row, epochs):
@@ -188,7 +208,8 @@ def best_results(best):
 def cross_validate(args, x, task, quiet=False):
     """K heads, each validated on its held-out fold -> (heads, out-of-fold probabilities, results,
     tables: {"history.csv", "folds.csv"} rows). x is held once; each fold copies only its own
-    split. quiet: no epoch lines (the extra stratified CV of a grouped run)."""
+    split; x of K (n, D) blocks: fold k's vectors are block k (--map-correct). quiet: no epoch lines
+    (the extra stratified CV of a grouped run)."""
     fold = torch.tensor(kfold(task.truth, args.folds, task.groups, args.seed))
     heads, oof, maps, history, folds = [], torch.zeros(len(task.y), len(task.labels)), [], [], []
     kind = f"grouped by {args.group_col}" if task.groups else "stratified"
@@ -197,10 +218,12 @@ def cross_validate(args, x, task, quiet=False):
         done = f" (val MAP@3 of the folds done: {', '.join(f'{m:.4f}' for m in maps)})"
         return f"in fold {len(maps) + 1} of {args.folds}" + (done if maps else "")
 
+    n = len(task.y)
     with interrupted(progress):
         for k in range(args.folds):
             tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
-            head, best = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels, args,
+            xk = x if len(x) == n else x[k * n:(k + 1) * n]  # --map-correct: the fold's own texts
+            head, best = train_head(xk[tr], task.y[tr], xk[va], task.y[va], task.labels, args,
                                     tag=None if quiet else f"fold {k}  ")
             heads.append(head)
             oof[va] = best.scores.probs

@@ -7,6 +7,7 @@ A checkpoint is a folder:
 No pickle anywhere: loading a checkpoint reads tensors and JSON, it can never run code.
 """
 
+import inspect
 import json
 from pathlib import Path
 
@@ -28,9 +29,14 @@ class MLPHead(nn.Module):
 
     def __init__(self, in_dim, n_classes, hidden=(1024, 512), dropout=0.2, activation="gelu",
                  input_norm=False):
+        given = locals()
         super().__init__()
-        self.hparams = dict(in_dim=in_dim, n_classes=n_classes, hidden=list(hidden),
-                            dropout=dropout, activation=activation, input_norm=input_norm)
+        # What load_head rebuilds this head from: every argument of this constructor, read from its
+        # signature, so that a new option is saved and loaded with no list to keep in step.
+        self.hparams = {name: list(given[name]) if isinstance(given[name], tuple) else given[name]
+                        for name in head_options()}
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         h1, h2 = hidden
         self.input_norm = nn.LayerNorm(in_dim) if input_norm else nn.Identity()
         # dropout on the input too: the vectors are frozen, it is the main regulariser
@@ -46,6 +52,11 @@ class MLPHead(nn.Module):
         return self.fc3(x)
 
 
+def head_options():
+    """The names of MLPHead's constructor arguments: what a checkpoint's "head" entry holds."""
+    return list(inspect.signature(MLPHead.__init__).parameters)[1:]
+
+
 # Heads saved before the layers had names kept them in an nn.Sequential, named by position.
 POSITIONAL_NAMES = {"net.0.": "input_norm.", "net.2.": "fc1.", "net.5.": "fc2.", "net.8.": "fc3."}
 
@@ -59,8 +70,15 @@ def head_loss(logits, y, label_smoothing=0.0):
 def load_head(hparams, tensors, source):
     """An MLPHead from its meta.json hyperparameters and saved tensors, by name; tensors saved by
     position (before names) are renamed. A head that does not fit names what is missing and what
-    is unexpected."""
-    head = MLPHead(**hparams)
+    is unexpected; an option this code does not know is refused, never dropped."""
+    unknown = sorted(hparams.keys() - set(head_options()))
+    if unknown:
+        raise ValueError(f"{source}: meta.json's head has option(s) {unknown} that this version "
+                         f"of MLPHead does not know (a checkpoint of newer code?)")
+    try:
+        head = MLPHead(**hparams)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: meta.json's head: {e}") from None
     for old, new in POSITIONAL_NAMES.items():
         tensors = {new + k.removeprefix(old) if k.startswith(old) else k: v
                    for k, v in tensors.items()}

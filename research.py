@@ -21,16 +21,16 @@ from typing import NamedTuple
 import torch
 
 import train
-from at_scale import embed_cache
+from at_scale import embed_cache, fingerprint
+from at_scale.embed_cache import Measured
 from at_scale.embedder import Embedder
 from at_scale.lora import add_lora, check_lora, checkpoint_blocks
 from at_scale.runtime import dtype_name, pick_device
 from at_scale.weights import checkpoint_tensors
-from cli import check_ranges, log
+from cli import check_ranges, log, refuse_given
 from data import write_tables
 import fit
-from fit import flags_for, interrupted, make_head, score_head, train_head, train_loop
-from mlp_head import head_loss
+from fit import interrupted, make_head, score_head, train_head, train_loop
 from qwen_embed import POOLINGS, Qwen3Config
 
 
@@ -43,15 +43,16 @@ def run(args, spec, options, data, task, results):
         return layer_sweep(args, spec, options, data, task, results)
     if args.lora_rank:  # fine-tuning: no cached vectors, they change as the adapters learn
         with interrupted(lambda: "while fine-tuning"):
-            fitted, spec, fidelity = train_lora(args, spec, data.texts, task)
-        return train.finish(args, data, task, fitted, results, spec, fidelity)
+            fitted, spec, fidelity, folder = train_lora(args, spec, data.texts, task)
+        identity = fingerprint.model_identity(folder, args.cache_dir, log)
+        return train.finish(args, data, task, fitted, results, spec, Measured(identity, fidelity))
     stored = train.cache_vectors(args, spec, options, data)
     if stored is None:  # a torchrun rank other than 0
         return None
     vectors = stored[args.pooling, args.layer]
     fitted = fit_sweep(args, vectors.load(), task)
     return train.finish(args, data, task, fitted, results, vectors.spec,
-                        vectors.cache.info().get("fidelity"))
+                        Measured(vectors.model_identity, vectors.cache.info().get("fidelity")))
 
 
 def check_flags(args):
@@ -65,6 +66,8 @@ def check_flags(args):
     ])
     if (args.sweep or args.layer_sweep or args.compare_pooling) and args.folds:
         raise ValueError("--sweep, --layer-sweep and --compare-pooling use one split: drop --folds")
+    for mode, dests, why in ignored(args):
+        refuse_given(args, dests, mode, why)
     if args.lora_rank:  # a local config is read; a Hub model is checked once loaded
         config = Path(args.model) / "config.json"
         n_layers = Qwen3Config.from_json(config).num_hidden_layers if config.is_file() else None
@@ -73,6 +76,26 @@ def check_flags(args):
                 args.layer is not None:
             raise ValueError("--lora-rank trains on one split and the final layer: drop --sweep, "
                              "--folds, --layer-sweep, --compare-pooling and --layer")
+
+
+# What LoRA does not use of the embedding flags: it caches no vectors and runs the model eagerly.
+LORA_IGNORES = ("compile", "cache_chunk", "cache_seconds", "batch_size", "max_batch_tokens")
+LORA_ONLY = set()  # the LoRA group's flags but --lora-rank, filled by add_flags from the parser
+
+
+def ignored(args):
+    """(mode, the flags' dests it ignores or sets itself, which of the two) for the modes asked
+    for: a flag given for them would be dropped without a word."""
+    found = [("--folds", {"val_frac"}, "ignores")] if args.folds else []
+    if args.sweep:  # the search space's own names
+        found.append(("--sweep", set(sample_head_config(random.Random(0))), "sets itself"))
+    if args.layer_sweep:
+        found.append(("--layer-sweep", {"layer"}, "sets itself"))
+    if args.compare_pooling:
+        found.append(("--compare-pooling", {"pooling"}, "sets itself"))
+    found.append(("--lora-rank", set(LORA_IGNORES), "ignores") if args.lora_rank else
+                 ("a run without --lora-rank", LORA_ONLY, "ignores"))
+    return found
 
 
 def add_flags(p):
@@ -95,6 +118,7 @@ def add_flags(p):
     t.add_argument("--lora-lr", type=float, default=2e-4, help="peak learning rate of the adapters")
     t.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's "
                    "activations in the backward pass: less memory, about a third more time")
+    LORA_ONLY.update(a.dest for a in t._group_actions if a.dest != "lora_rank")
 
 
 # ----------------------------------------------------------------------------- the head sweep
@@ -122,8 +146,12 @@ def fit_sweep(args, x, task):
         for i in range(args.sweep):
             config = sample_head_config(rng)
             t0 = time.time()
-            head, result = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels,
-                                      argparse.Namespace(**{**vars(args), **config}))
+            try:
+                head, result = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels,
+                                          argparse.Namespace(**{**vars(args), **config}))
+            except FloatingPointError as e:  # a diverged trial fails alone; the sweep goes on
+                log(f"trial {i:3d}: failed ({e})  {json.dumps(config)}")
+                continue
             trials.append(Trial(i, config, result.scores.map3, time.time() - t0))
             history += [{"trial": i, **row} for row in result.history]
             if best is None or trials[-1].map3 > best.map3:
@@ -131,6 +159,8 @@ def fit_sweep(args, x, task):
             del head, result  # only the best trial's head and probabilities stay
             log(f"trial {i:3d}: val MAP@3 {trials[-1].map3:.4f}  {json.dumps(config)}  "
                 f"{trials[-1].seconds:.1f}s")
+    if not trials:
+        raise FloatingPointError(f"every one of the {args.sweep} sweep trials diverged")
     trials.sort(key=lambda t: (-t.map3, t.index))
     print_table(["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs",
                  "time"],
@@ -210,7 +240,7 @@ def train_lora(args, spec, texts, task):
     """--lora-rank R: adapters on the frozen Qwen3 (lora.py) and the head, trained together in
     train_loop on the pooled EOS state: each step runs the model on a batch of texts, with
     gradients, instead of reading cached vectors. Returns (Fitted, the spec as the run decided
-    it, measure_fidelity's figures on a quantized base or None)."""
+    it, measure_fidelity's figures on a quantized base or None, the base model's folder)."""
     embedder, spec, lora, fidelity = lora_model(args, spec, texts)
     model, head_device = embedder.model, pick_device(args.head_device or embedder.device)
     head, group = make_head(spec.dim or embedder.dim, len(task.labels), args, head_device)
@@ -218,14 +248,14 @@ def train_lora(args, spec, texts, task):
                 "weight_decay": 0.0, "name": "lora"}
     ids = embedder.tokenize(texts, spec.instruction, spec.max_length, spec.eos)
     tr, va, y = task.tr, task.va, task.y
-    loss_options = flags_for(head_loss, args)  # once, not at every step
+    loss = fit.make_loss(args, y[tr])  # the frozen heads' loss, built by the one builder
 
     def batch_loss(idx):  # the model with gradients on these texts, pooled and L2-normed as cached
         rows = tr[idx].tolist()
         lengths = torch.tensor([len(ids[i]) for i in rows])
         flat = torch.tensor([t for i in rows for t in ids[i]]).to(embedder.device)
         v = embedder.pool(model(flat, lengths), lengths, spec.pooling, spec.dim, normalize=True)
-        return head_loss(head(v.to(head_device)), y[tr[idx]].to(head_device), **loss_options)
+        return loss(head(v.to(head_device)), y[tr[idx]].to(head_device))
 
     def validate():
         if not len(va):
@@ -248,7 +278,7 @@ def train_lora(args, spec, texts, task):
                "lora_trainable_params": sum(t.numel() for t in lora.values())}
     fitted = fit.Fitted([head.cpu().eval()], va, best.scores.probs, results,
                         {"history.csv": best.history}, lora=lora)
-    return fitted, spec, fidelity
+    return fitted, spec, fidelity, embedder.folder
 
 
 def lora_model(args, spec, texts):

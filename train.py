@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -25,13 +26,15 @@ import torch
 import cli
 from cli import log
 from at_scale import embed_cache
-from at_scale.embed_cache import EmbedSpec
-from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, check_ids, kfold, labels_of,
-                  map_correct_answers, read_csv, require_columns, row_texts, split, table_csv)
+from at_scale.embed_cache import EmbedSpec, Measured
+from at_scale.runtime import memory_budget, pick_device
+from data import (CORRECT_SUFFIX, MAP_TEMPLATE, DiskFullError, RowsSpec, check_ids, check_out,
+                  kfold, labels_of, map_correct_answers, read_csv, require_columns, row_texts,
+                  split, table_csv)
 import fit
 from fit import interrupted, train_head
 from mlp_head import ACTIVATIONS, save_checkpoint, top_k
-from qwen_embed import POOLINGS
+from qwen_embed import POOLINGS, Qwen3Config
 
 # ---------------------------------------------------------------------------------------- the run
 
@@ -42,6 +45,7 @@ def main(args, log=print):
         spec, options = check_flags(args)
         data = load_rows(args)
         task = split_rows(args, data)
+        data = answer_rows(args, data, task)
         results = {"n_labels": len(task.labels), "n_rows": len(task.y)}
         if args.sweep or args.layer_sweep or args.compare_pooling or args.lora_rank:
             import research  # the research modes build on this file, never the reverse
@@ -54,16 +58,18 @@ def main(args, log=print):
         # the spec as the run decided it (dtype, weights), and the fidelity measured when its
         # vectors were computed (by this run or an earlier one)
         return finish(args, data, task, fitted, results, vectors.spec,
-                      vectors.cache.info().get("fidelity"))
+                      Measured(vectors.model_identity, vectors.cache.info().get("fidelity")))
 
 
-def finish(args, data, task, fitted, results, spec, fidelity):
-    """The results, and the checkpoint with --out (the embedding spec evaluate.py embeds by)."""
+def finish(args, data, task, fitted, results, spec, measured):
+    """The results, and the checkpoint with --out: the embedding spec evaluate.py embeds by, how
+    rows became texts, and what was measured (the model's content identity, its fidelity)."""
     results.update(fitted.results)
     if args.out:
-        embedding = {**dataclasses.asdict(spec), "text_template": data.template,
-                     "label_cols": args.label_cols.split(","), "id_col": args.id_col,
-                     "correct_answers": data.correct_answers, "fidelity": fidelity}
+        rows = RowsSpec(data.template, args.label_cols.split(","), args.id_col,
+                        data.correct_answers)
+        embedding = {**dataclasses.asdict(spec), **dataclasses.asdict(rows),
+                     **dataclasses.asdict(measured)}
         save_run(args, data, task.labels, fitted, results, embedding)
     elif args.folds:
         log("no --out: the tables and per-epoch history of this run are printed, not saved (--out "
@@ -90,10 +96,39 @@ def check_flags(args):
         ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "0 or more"),
         ("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing < 1, "in [0, 1)"),
         ("--head-batch-size", args.head_batch_size, args.head_batch_size >= 1, "positive"),
+        ("--seed", args.seed, -2**63 <= args.seed < 2**64, "between -2**63 and 2**64 - 1 (torch's "
+         "seeds)"),
     ])
+    for flag, device in (("--device", args.device), ("--head-device", args.head_device)):
+        try:
+            pick_device(device)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+    check_head_memory(args)
+    if args.out:
+        check_out(args.out)
     import research
     research.check_flags(args)
     return spec, options
+
+
+def check_head_memory(args):
+    """A head too big to train where it trains is one line before any work: its float32 weights,
+    their gradients and AdamW's two moments, 16 bytes per parameter (the input width read from a
+    local config, else left out)."""
+    config = Path(args.model) / "config.json"
+    width = args.dim or (Qwen3Config.from_json(config).hidden_size if config.is_file() else 0)
+    h1, h2 = args.hidden
+    need = 16 * (width * h1 + h1 * h2)
+    device = pick_device(args.head_device or args.device)
+    try:
+        free, where = memory_budget(device)
+    except Exception:  # a device that cannot say (yet): the head meets it when it trains
+        return
+    if need > free:
+        raise ValueError(f"--hidden {h1} {h2}: training this head takes about "
+                         f"{need / 1e9:.1f} GB (weights, gradients and AdamW's moments in float32) "
+                         f"and {where}")
 
 
 class Data(NamedTuple):
@@ -103,6 +138,7 @@ class Data(NamedTuple):
     truth: list  # each row's label
     template: str  # --text-template, with --map-correct's column added if asked
     correct_answers: dict | None  # --map-correct: the answer taken as correct, per question
+    columns: list  # the CSV's header
 
 
 def load_rows(args):
@@ -113,10 +149,10 @@ def load_rows(args):
     if args.group_col:
         require_columns(args.data, columns, [args.group_col], "--group-col")
     template, correct = args.text_template, None
-    if args.map_correct:  # the answers are found from the labels: training data only
+    if args.map_correct:  # found from the training rows' labels once the split is made
         require_columns(args.data, columns, ["QuestionId", "MC_Answer", "Category"],
                         "--map-correct")
-        correct = map_correct_answers(rows)
+        correct = {}  # no answer known yet: answer_rows renders the texts again
         if "{AnswerIsCorrect}" not in template:
             template += CORRECT_SUFFIX
     texts = row_texts(args.data, columns, rows, template, correct)
@@ -126,7 +162,7 @@ def load_rows(args):
         log(f"warning: {len(empty)} rows render to an empty text, e.g. {args.id_col} {empty[:5]}")
     truth = labels_of(rows, args.label_cols.split(","))
     log(f"{args.data}: {len(rows)} rows, {len(set(truth))} labels")
-    return Data(rows, texts, truth, template, correct)
+    return Data(rows, texts, truth, template, correct, columns)
 
 
 class Task(NamedTuple):
@@ -152,15 +188,54 @@ def split_rows(args, data):
     else:
         tr, va = (torch.tensor(i, dtype=torch.long)
                   for i in split(data.truth, args.val_frac, groups, args.seed))
+        if not len(tr):
+            raise ValueError(f"--val-frac {args.val_frac}: leaves no row for training")
+        if args.val_frac > 0 and not len(va):
+            raise ValueError(f"--val-frac {args.val_frac}: leaves no row for validation (every "
+                             f"label is seen once?); use --val-frac 0 to train on every row")
+        unseen = {data.truth[i] for i in va.tolist()} - {data.truth[i] for i in tr.tolist()}
+        if unseen:  # routine in grouped splits of MAP rows: worth knowing, not an error
+            rows = sum(data.truth[i] in unseen for i in va.tolist())
+            log(f"{len(unseen)} of the {len(labels)} labels ({rows} validation rows) never occur "
+                f"in training: the head cannot predict them, they count as misses")
     return Task(labels, y, data.truth, tr, va, groups)
+
+
+def answer_rows(args, data, task):
+    """--map-correct: each question's correct answer found from the training rows alone, so that no
+    validation label reaches a validation text. One split: the texts rendered with the training
+    rows' answers. --folds K: once per fold with that fold's training rows, the K sets of texts
+    one after another (fold k's are rows k*n .. (k+1)*n), and K more for the stratified CV a
+    grouped run adds; the checkpoint keeps the answers of every row (evaluation reads new rows)."""
+    if not args.map_correct:
+        return data
+    n = len(data.rows)
+
+    def texts_with(train_rows):
+        answers = map_correct_answers([data.rows[i] for i in train_rows])
+        return answers, row_texts(args.data, data.columns, data.rows, data.template, answers)
+
+    if not args.folds:
+        correct, texts = texts_with(task.tr.tolist())
+        return data._replace(texts=texts, correct_answers=correct)
+    texts = []
+    for groups in [task.groups] + ([None] if task.groups is not None else []):
+        fold = kfold(data.truth, args.folds, groups, args.seed)
+        for k in range(args.folds):
+            texts += texts_with([i for i in range(n) if fold[i] != k])[1]
+    correct, _ = texts_with(range(n))
+    log(f"--map-correct: answers found from each fold's training rows: {len(set(texts))} distinct "
+        f"texts to embed for {n} rows ({len(texts) // n} sets of texts, one per fold)")
+    return data._replace(texts=texts, correct_answers=correct)
 
 
 def cache_vectors(args, spec, options, data, poolings=None, layers=None):
     """{(pooling, layer): embed_cache.Vectors} for the rows' texts, in one forward pass for all of
     them where any is missing; None on a torchrun rank other than 0."""
     t0 = time.time()
+    ids = [row[args.id_col] for row in data.rows] * (len(data.texts) // len(data.rows))
     stored = embed_cache.ensure_cached(data.texts, spec, options, poolings=poolings, layers=layers,
-                                       ids=[row[args.id_col] for row in data.rows], log=log)
+                                       ids=ids, log=log)
     if stored is not None:
         log(f"embeddings: {len(stored)} x ({len(data.texts)}, {next(iter(stored.values())).dim}) "
             f"in {time.time() - t0:.1f}s")
@@ -179,11 +254,15 @@ def fit_one(args, x, task):
 
 
 def fit_folds(args, x, task):
-    results, tables = {}, {"history.csv": [], "folds.csv": []}
+    """K heads (fit.cross_validate); x: (n, D), or with --map-correct one (n, D) block per fold,
+    the grouped folds' blocks first (answer_rows)."""
+    results, tables, n = {}, {"history.csv": [], "folds.csv": []}, len(task.y)
+    grouped, stratified = (x, x) if len(x) == n else (x[:args.folds * n], x[args.folds * n:])
     if task.groups is not None:  # the competition's test asks train's questions: stratified CV too
         ungrouped = task._replace(groups=None)
-        _, _, results["stratified"], tables = fit.cross_validate(args, x, ungrouped, quiet=True)
-    heads, oof, res, mine = fit.cross_validate(args, x, task)
+        _, _, results["stratified"], tables = fit.cross_validate(args, stratified, ungrouped,
+                                                                 quiet=True)
+    heads, oof, res, mine = fit.cross_validate(args, grouped, task)
     tables = {name: tables[name] + rows for name, rows in mine.items()}
     return fit.Fitted(heads, torch.arange(len(task.y)), oof, {**results, **res}, tables)
 
@@ -267,7 +346,7 @@ def parse_args(argv=None):
                    "inputs scaled into range, everything between them in float32")
     cli.add_flags(e)
     add_head_flags(p)
-    return p.parse_args(argv)
+    return cli.parse_given(p, argv)
 
 
 def add_head_flags(p):

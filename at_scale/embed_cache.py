@@ -4,38 +4,36 @@
     CACHE_DIR/<spec hash>/chunk-*.safetensors     keys (n, 32) uint8 = sha256 of each text,
                                                   vectors (n, D) float32
 
-What changes a vector is an EmbedSpec (model, instruction, max_length, pooling, layer, dim,
-dtype, weight format, EOS); its hash, with the checkpoint's identity (config, tokenizer, the size
-and first and last MiB of each weights file), names the folder, and the text itself is the
-per-row key. Where and how the vectors are computed (RunOptions) never enters the hash. One
-forward pass fills every (pooling, layer) a run asks for. A chunk is written every chunk_size
-texts or chunk_seconds (15 s), whichever comes first, to a temporary name and renamed: a run
-killed at any moment loses at most that much work, and a rerun computes only what is missing.
-Ctrl-C saves what was computed. More than COMPACT_AT chunk files are merged into one at the end
-of a run. Two runs may share a cache folder: nothing is locked, files are only ever added whole
-or deleted once their vectors are in another file. Reading fills one (rows, D) matrix with the
-rows asked for, and only those. Under torchrun (`torchrun --nproc_per_node=N train.py ...`) the
-ranks share the missing texts (torchrun.py).
+What changes a vector is an EmbedSpec (model, instruction, max_length, pooling, layer, dim, dtype,
+weight format, EOS); its hash, with a cheap identity of the checkpoint (config, tokenizer, the size
+and first and last MiB of each weights file), names the folder, and the text itself is the per-row
+key. Each chunk file records what the folder name cannot see (fingerprint.py): the code that
+computed it, found from the code, and the content of every byte of the weights. Where and how the
+vectors are computed (RunOptions) never enters the hash. One forward pass fills every (pooling,
+layer) a run asks for. A chunk is written every chunk_size texts or chunk_seconds (15 s), whichever
+comes first, to a temporary name and renamed: a run killed at any moment loses at most that much
+work, and a rerun computes only what is missing. Ctrl-C saves what was computed. More than
+COMPACT_AT chunk files are merged into one at the end of a run. Two runs may share a cache folder:
+nothing is locked, files are only ever added whole or deleted once their vectors are in another
+file. Reading fills one (rows, D) matrix with the rows asked for, and only those. Under torchrun
+(`torchrun --nproc_per_node=N train.py ...`) the ranks share the missing texts (torchrun.py).
 """
 
-import ast
 import contextlib
 import dataclasses
-import functools
 import hashlib
-import importlib
 import json
 import random
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
-from at_scale import runtime, torchrun, weights
+from at_scale import fingerprint, runtime, torchrun, weights
 from at_scale.embedder import Embedder, NonFiniteError, layer_keys, silent
 from at_scale.runtime import TextTooLongError
 from data import DiskFullError, atomic_path
@@ -61,8 +59,13 @@ class EmbedSpec:
     layer: int | None = None  # None: the final normed output; else a layer's raw state
     dim: int | None = None  # keep the first dim features (Matryoshka); None: all
     dtype: str | None = None  # compute dtype; None: the device's default
-    weights: str = "auto"  # none (as shipped), int8, int4; auto: the first that fits
+    weights: str = field(default="auto", metadata={  # none (as shipped), int8, int4; auto: the
+        "neutral": "none", "form": lambda w: f"{w}-g{weights.GROUP}"})  # first that fits
     eos: bool = True  # append <|endoftext|>, whose state "last" pools
+
+    # The fields the first cache hashed, whatever their value; a field added since enters the key
+    # only away from its neutral value, so that adding one leaves every cache of before valid.
+    FIRST_KEY = ("model", "instruction", "max_length", "pooling", "layer", "dim", "dtype")
 
     def __post_init__(self):  # what needs no checkpoint is checked here, before any work
         if self.max_length < 1 + self.eos:
@@ -78,25 +81,38 @@ class EmbedSpec:
                              f"got {self.weights!r}")
 
     @classmethod
-    def from_meta(cls, embedding):
+    def from_meta(cls, embedding, source, recorded_beside=()):
         """The spec a checkpoint's meta.json saved (older ones lack weights and eos: weights as
-        shipped, EOS appended)."""
-        fields = [f.name for f in dataclasses.fields(cls)]
+        shipped, EOS appended). A key that is no field of this class nor one of recorded_beside
+        (what the checkpoint keeps beside the spec) was written by no version of this code: it
+        is refused, naming it, never dropped."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(embedding.keys() - fields - set(recorded_beside))
+        if unknown:
+            raise ValueError(f"{source}: the embedding records {unknown}, which this version of "
+                             f"the code does not know (a checkpoint of newer code?)")
         return cls(**{"weights": "none", **{k: v for k, v in embedding.items() if k in fields}})
 
     def key(self, checkpoint):
-        """What the cache hashes: the names and values it hashed before this class, so that those
-        caches stay valid. checkpoint: the folder's checkpoint_identity; layer as stored."""
+        """What the cache hashes, derived from the fields: the ones of the first cache always, under
+        the names and value forms they had, so that those caches stay valid; any later field only
+        where it differs from its neutral value (its default, or metadata["neutral"]), in the form
+        metadata["form"] gives. checkpoint: the folder's checkpoint_identity; layer as stored."""
         if self.dtype is None or self.weights == "auto":  # a request is not what made a vector
             raise RuntimeError(f"{self}: decide() the dtype and weights before hashing the spec")
-        key = {"checkpoint": checkpoint, "model": self.model, "instruction": self.instruction,
-               "max_length": self.max_length, "dim": self.dim, "dtype": self.dtype,
-               "pooling": self.pooling, "layer": self.layer}
-        if self.weights != "none":  # as shipped: the caches of before int8 stay valid
-            key["weights"] = f"{self.weights}-g{weights.GROUP}"
-        if not self.eos:  # with EOS, the caches of before --no-eos stay valid
-            key["eos"] = False
+        key = {"checkpoint": checkpoint}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.FIRST_KEY or value != f.metadata.get("neutral", f.default):
+                key[f.name] = f.metadata.get("form", lambda v: v)(value)
         return key
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a run found out about its vectors, recorded beside the spec in a checkpoint."""
+    model_identity: str | None = None  # fingerprint.model_identity: every byte of the checkpoint
+    fidelity: dict | None = None  # measure_fidelity's figures with int8 or int4 weights
 
 
 @dataclass(frozen=True)
@@ -123,69 +139,6 @@ class RunOptions:
         for flag, value in limits.items():
             if value is not None and value <= 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
-
-
-# ------------------------------------------------------------------------ the code behind a vector
-
-# The functions and methods a vector passes through, from the text to the vector, by name: the
-# tokenizer, the forward pass, pooling and the weight formats. Each is keyed by its own name, not
-# its file, so moving code between CODE_MODULES keeps the fingerprint; a change to its math changes
-# it. Speed-only code (compile, the batch runner) and the cache itself are not on the list.
-VECTOR_CODE = (
-    "load_tokenizer", "tokenize", "Qwen3Model.forward", "Block.forward", "RMSNorm.forward",
-    "Attention.forward", "MLP.forward", "rope", "apply_rope", "sdpa_attention", "Packing.__init__",
-    "Packing.attention", "Packing.to_grid", "Packing.from_grid", "varlen_attention",
-    "causal_varlen_attn", "pool", "stored_dtype", "groups", "quantize_int8", "quantize_int4",
-    "dequantize", "Dequantize.forward", "StoredLinear.forward", "StoredEmbedding.forward",
-    "power_of_two_at_least", "Float16Linear.__init__", "Float16Linear.forward",
-    "Float16Linear.weight16", "float16_attention", "guard_float16")
-CODE_MODULES = ("qwen_embed", "at_scale.runtime", "at_scale.weights")
-
-
-@functools.cache
-def code_fingerprint(names=VECTOR_CODE, modules=CODE_MODULES):
-    """(fingerprint, {name: hash}) of the code that computes a vector: each function's syntax tree
-    (no comments, docstrings dropped, no line numbers) hashed under its qualified name; the
-    fingerprint hashes them all. `python -c "import embed_cache; print(embed_cache.
-    code_fingerprint()[0])"` prints it."""
-    found = {}
-    for module in modules:
-        tree = ast.parse(Path(importlib.import_module(module).__file__).read_text("utf-8"))
-        for node in tree.body:
-            members = node.body if isinstance(node, ast.ClassDef) else [node]
-            prefix = f"{node.name}." if isinstance(node, ast.ClassDef) else ""
-            found.update({prefix + f.name: f for f in members
-                          if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))})
-    lost = [name for name in names if name not in found]
-    if lost:  # the list names code that is gone: keep it in step, or vectors would go unchecked
-        raise RuntimeError(f"embed_cache.VECTOR_CODE names {lost}, defined in none of "
-                           f"{CODE_MODULES}")
-    hashes = {name: hashlib.sha256(repr(tree_of(found[name], top=True)).encode()).hexdigest()[:16]
-              for name in names}
-    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16], hashes
-
-
-def tree_of(node, top=False):
-    """A syntax tree as nested tuples: node types and the fields that are set, never line numbers
-    (so reformatting changes nothing) nor empty fields (which Python versions print differently).
-    top: the function itself, whose docstring is dropped: a docstring is not code."""
-    if isinstance(node, list):
-        return tuple(tree_of(n) for n in node)
-    if not isinstance(node, ast.AST):
-        return node
-    fields = {f: getattr(node, f, None) for f in node._fields if f != "type_comment"}
-    body = fields.get("body")
-    if top and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-            and isinstance(body[0].value.value, str):
-        fields["body"] = body[1:]
-    return (type(node).__name__, *((f, tree_of(v)) for f, v in fields.items()
-                                   if v is not None and v != []))
-
-
-def changed_code(cached):
-    """The names whose code differs between a chunk's {name: hash} and the code running now."""
-    now = code_fingerprint()[1]
-    return sorted(name for name in now.keys() | cached.keys() if now.get(name) != cached.get(name))
 
 
 # ---------------------------------------------------------------------- embedding through the cache
@@ -224,8 +177,9 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
     keys = layer_keys(config, layers, spec.dim)
     spec, why, model_bytes = decide(spec, run, folder, config, device, keys)
     checkpoint, dim = checkpoint_identity(folder), spec.dim or config.hidden_size
-    caches = {(p, k): Cache(run.cache_dir, replace(spec, pooling=p, layer=k).key(checkpoint))
-              for p in poolings for k in dict.fromkeys(keys)}
+    content = fingerprint.model_identity(folder, run.cache_dir, log)  # every byte, read once
+    caches = {(p, k): Cache(run.cache_dir, replace(spec, pooling=p, layer=k).key(checkpoint),
+                            content) for p in poolings for k in dict.fromkeys(keys)}
     text_key = [bytes(k) for k in text_keys(texts).numpy()]
     todo, n_missing = missing(caches.values(), text_key, dim)
     say_code(caches.values(), todo, log)
@@ -239,7 +193,7 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
         log(why)
         if spec.dtype == "float16":
             log(runtime.FLOAT16_LINE)
-            float32 = Cache(run.cache_dir, replace(spec, dtype="float32").key(checkpoint))
+            float32 = Cache(run.cache_dir, replace(spec, dtype="float32").key(checkpoint), content)
             if requested is None and float32.dir.is_dir():  # a T4's default was float32 before
                 log(f"float16 is this GPU's default now: computing afresh; the float32 vectors "
                     f"cached before stay valid for --dtype float32 ({float32.dir})")
@@ -255,22 +209,27 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
     if rank:
         return None
     compact(caches.values(), dim, log)
-    return {(p, layer): Vectors(caches[p, k], text_key, dim, replace(spec, pooling=p, layer=layer))
-            for p in poolings for layer, k in zip(layers, keys)}
+    return {(p, layer): Vectors(caches[p, k], text_key, dim, replace(spec, pooling=p, layer=layer),
+                                content) for p in poolings for layer, k in zip(layers, keys)}
 
 
 def say_code(caches, todo, log):
-    """One line if vectors of other code were skipped, one if chunks from before fingerprints were
-    used (Cache)."""
+    """One line if vectors of other code or other weights were skipped, one if chunks from before
+    the code's and the weights' fingerprints were recorded were used (Cache)."""
     other = [functions for cache in caches for functions in cache.other_code.values()]
     if other and todo:
-        changed = sorted({name for functions in other for name in changed_code(functions)})
+        now = fingerprint.code_fingerprint()[1]
+        changed = sorted({name for functions in other
+                          for name in fingerprint.changed_code(functions, now)})
         log(f"the code that computes these vectors changed since they were cached "
             f"({', '.join(changed)}): computing afresh")
+    if any(cache.other_weights for cache in caches) and todo:
+        log("the checkpoint's weights changed since these vectors were cached (the same files, "
+            "other content): computing afresh")
     legacy = sum(len(cache.legacy) for cache in caches)
     if legacy:
-        log(f"note: {legacy} cache file(s) from before the code's fingerprint was recorded: used "
-            f"as they are (delete them to recompute with this code)")
+        log(f"note: {legacy} cache file(s) from before the code's and the weights' fingerprints "
+            f"were recorded: used as they are (delete them to recompute with this code)")
 
 
 def row_names(texts, ids):
@@ -483,18 +442,21 @@ def runs(indices):
 
 
 class Cache:
-    """One spec's folder of chunk files. Each chunk records the fingerprint of the code that
-    computed it (code_fingerprint, in its safetensors metadata, not in the folder's name): a chunk
-    of other code is skipped, left on disk for the code that wrote it, and its texts computed
-    afresh; a chunk written before fingerprints existed is used, and said (legacy)."""
+    """One spec's folder of chunk files. Each chunk records, in its safetensors metadata (not in
+    the folder's name, so that the folders of before keep their names), the fingerprint of the code
+    that computed it (fingerprint.code_fingerprint) and the content identity of the weights
+    (fingerprint.model_identity): a chunk of other code or other weights is skipped, left on disk
+    for the code that wrote it, and its texts computed afresh; a chunk written before these were
+    recorded is used, and said (legacy)."""
 
-    def __init__(self, cache_dir, spec):
-        self.spec = spec
+    def __init__(self, cache_dir, spec, content):
+        self.spec, self.content = spec, content
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
         self.dir = Path(cache_dir) / digest[:20]
-        self.code, self.functions = code_fingerprint()
+        self.code, self.functions = fingerprint.code_fingerprint()
         self.other_code = {}  # fingerprint -> {name: hash} of the chunks skipped
-        self.legacy = set()  # the chunk files read that record no fingerprint
+        self.other_weights = False  # chunks of this code skipped for other weights' content
+        self.legacy = set()  # the chunk files read that record neither
 
     def files(self):
         """The chunk files, listed again until no new one appears: a chunk that another run merged
@@ -526,10 +488,13 @@ class Cache:
         if not ok:
             self.corrupt(file)
             return None
-        if "code" not in meta:
+        if "vector_code" not in meta:  # before fingerprints, or the hand-listed ones of before
             self.legacy.add(file)
-        elif meta["code"] != self.code:  # computed by other code: not ours to use, nor to delete
-            self.other_code[meta["code"]] = json.loads(meta.get("functions", "{}"))
+        elif meta["vector_code"] != self.code:  # other code: not ours to use, nor to delete
+            self.other_code[meta["vector_code"]] = json.loads(meta.get("vector_code_names", "{}"))
+            return None
+        elif meta.get("weights") != self.content:  # the same files, other bytes
+            self.other_weights = True
             return None
         return [bytes(k) for k in keys.numpy()]
 
@@ -598,12 +563,15 @@ class Cache:
         if not spec_file.exists():
             with atomic_path(spec_file) as tmp:
                 tmp.write_text(json.dumps(self.spec, indent=2))
-        # named by its texts and its code: vectors of the same texts by other code are another file
-        name = hashlib.sha256(keys.numpy().tobytes() + self.code.encode()).hexdigest()[:16]
+        # named by its texts, code and weights: the same texts by other code are another file
+        name = hashlib.sha256(keys.numpy().tobytes() + self.code.encode()
+                              + self.content.encode()).hexdigest()[:16]
         path = self.dir / f"chunk-{name}.safetensors"
-        code = {"code": self.code, "functions": json.dumps(self.functions)}
+        made_by = {"vector_code": self.code, "vector_code_names": json.dumps(self.functions),
+                   "weights": self.content}
         with atomic_path(path) as tmp:
-            save_file({"keys": keys.contiguous(), "vectors": vectors.contiguous()}, str(tmp), code)
+            save_file({"keys": keys.contiguous(), "vectors": vectors.contiguous()}, str(tmp),
+                      made_by)
         known = self.info().get("code", {})
         if self.code not in known:  # readable beside the spec, not hashed
             self.note({"code": {**known, self.code: self.functions}})
@@ -638,8 +606,9 @@ class Vectors:
     """One (pooling, layer)'s vectors of a run's texts, on disk until loaded; spec: the EmbedSpec
     that made them, as the run decided it."""
 
-    def __init__(self, cache, keys, dim, spec):
+    def __init__(self, cache, keys, dim, spec, model_identity):
         self.cache, self.keys, self.dim, self.spec = cache, keys, dim, spec
+        self.model_identity = model_identity  # the checkpoint's content, as fingerprinted
 
     def load(self, rows=None):
         """(len(rows), D) float32 for the given row indices (None: every text), read from disk."""

@@ -40,6 +40,17 @@ def write_csv(path, n=48, seed=0):
     return path
 
 
+def without(argv, *flags):
+    """argv without these flags and their values (a sweep draws --epochs and --hidden itself, and
+    refuses them given)."""
+    out, skipping = [], False
+    for word in argv:
+        skipping = word in flags or (skipping and not word.startswith("--"))
+        if not skipping:
+            out.append(word)
+    return out
+
+
 def cli_error(script, argv):
     """Run a script's command line in-process; return its one-line error (and check it is one)."""
     with pytest.raises(SystemExit) as e:

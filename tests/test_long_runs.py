@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save_file as real_save_file
 
-from at_scale import embed_cache
+from at_scale import embed_cache, fingerprint
 import evaluate
 import mlp_head
 import train
@@ -49,7 +49,7 @@ def test_many_small_chunks_are_compacted_and_load_the_same(tmp_path, tiny):
 
 def test_compaction_is_safe_against_a_kill_and_a_concurrent_run(tmp_path, tiny, monkeypatch):
     spec = {"test": 1}
-    cache = embed_cache.Cache(tmp_path, spec)
+    cache = embed_cache.Cache(tmp_path, spec, "weights")
     keys, vectors = embed_cache.text_keys(NUMBERED_TEXTS), torch.randn(len(NUMBERED_TEXTS), 4)
     for s in range(0, 30, 3):
         cache.save(keys[s:s + 3], vectors[s:s + 3])
@@ -146,7 +146,8 @@ def test_ctrl_c_in_the_head_phase_says_how_far_it_got_and_writes_nothing(tmp_pat
     data = write_csv(tmp_path / "train.csv", n=400)
     base = ["--data", str(data), "--model", str(tiny), *PINNED, "--cache-dir", str(tmp_path / "cache")]
     train.main(train.parse_args(base + ["--epochs", "1"]), log=lambda *_: None)  # the vectors are cached
-    argv = base + ["--epochs", "40", "--out", str(tmp_path / "out")] + flags
+    epochs = [] if "--sweep" in flags else ["--epochs", "40"]  # a sweep draws its own
+    argv = base + epochs + ["--out", str(tmp_path / "out")] + flags
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + argv, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:  # into the head phase: the second fold or the second trial
@@ -188,7 +189,8 @@ def test_a_full_disk_while_embedding_is_one_line_and_the_rerun_resumes(tmp_path,
             "--cache-seconds", "1e-9", "--epochs", "1", "--hidden", "8", "8", "--quiet", "--out", str(tmp_path / "out")]
     monkeypatch.setattr(embed_cache, "save_file", disk_full_at(4))  # 3 chunks written, then the disk is full
     message = cli_error(train, argv)
-    assert message.startswith(f"error: {next(cache.iterdir())}: no space left on the disk while writing chunk-")
+    folder = next(d for d in cache.iterdir() if d.is_dir())
+    assert message.startswith(f"error: {folder}: no space left on the disk while writing chunk-")
     assert re.search(r"MB free there\); nothing half-written was kept\. 60 of the \d+ vectors to compute are "
                      r"cached; the other \d+ need [\d.]+ MB more: free that much and run again to resume$", message)
     assert not leftovers(tmp_path) and not (tmp_path / "out").exists()
@@ -258,7 +260,8 @@ def test_a_cache_written_before_is_found(tmp_path, tiny, monkeypatch, weights, e
     before.update({} if eos else {"eos": False})
     model = Embedder.from_pretrained(tiny, quantize=weights, **PINNED_KW)
     vectors = model.encode(texts, progress=False, append_eos=eos)
-    embed_cache.Cache(tmp_path, before).save(embed_cache.text_keys(texts), vectors)
+    content = fingerprint.model_identity(tiny, tmp_path)
+    embed_cache.Cache(tmp_path, before, content).save(embed_cache.text_keys(texts), vectors)
     calls = count_forward_passes(monkeypatch)
     logs = []
     got = embed_cache.embed(texts, str(tiny), cache_dir=tmp_path, progress=False, log=logs.append, weights=weights,

@@ -8,7 +8,7 @@ import pytest
 
 from tools import plot
 import train
-from helpers import ROOT, write_csv
+from helpers import ROOT, without, write_csv
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,8 @@ def runs(tmp_path_factory, tiny):
             "--hidden", "16", "8", "--quiet", "--device", "cpu", "--dtype", "float32"]
     for name, flags in (("one", []), ("other", ["--lr", "3e-3"]), ("folds", ["--folds", "3"]),
                         ("layers", ["--layer-sweep", "--compare-pooling"]), ("sweep", ["--sweep", "4"])):
-        train.main(train.parse_args(base + flags + ["--out", str(root / name)]), log=lambda *_: None)
+        argv = without(base, "--epochs", "--hidden") if name == "sweep" else base
+        train.main(train.parse_args(argv + flags + ["--out", str(root / name)]), log=lambda *_: None)
     return root
 
 
@@ -77,3 +78,13 @@ def test_errors_are_one_line(runs, tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path / "none"), "--out", "x.png"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip().startswith("error: ") and "\n" not in out.stderr.strip()
+
+
+@pytest.mark.parametrize("suffix", ["png", "svg", "pdf"])
+def test_a_figure_replaces_only_a_figure_plot_drew(runs, tmp_path, suffix):
+    draw(runs, tmp_path, ["one"], out=f"fig.{suffix}")
+    draw(runs, tmp_path, ["other"], out=f"fig.{suffix}")  # its own figure: redrawn in place
+    (tmp_path / f"mine.{suffix}").write_bytes(b"a figure someone else made")
+    with pytest.raises(ValueError, match="is a file this program did not write"):
+        draw(runs, tmp_path, ["one"], out=f"mine.{suffix}")
+    assert (tmp_path / f"mine.{suffix}").read_bytes() == b"a figure someone else made"

@@ -246,7 +246,8 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             (tmp / "meta.json").write_text(content)
-    assert os.listdir(folder) == ["meta.json"] and (folder / "meta.json").read_text() == "v2"
+    assert sorted(os.listdir(folder)) == ["manifest.json", "meta.json"]  # what it wrote, listed
+    assert (folder / "meta.json").read_text() == "v2"
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "sub.csv"]
 
 

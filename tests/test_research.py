@@ -15,7 +15,7 @@ from data import add_answer_is_correct, map_correct_answers, read_csv, render
 from mlp_head import load_checkpoint
 from at_scale.embedder import Embedder
 from qwen_embed import POOLINGS
-from helpers import count_forward_passes, write_csv
+from helpers import count_forward_passes, without, write_csv
 
 
 @pytest.fixture()
@@ -53,6 +53,7 @@ def test_layer_vectors_are_the_raw_hidden_states(tmp_path, tiny):
 
 
 def test_head_sweep_ranks_and_saves_the_best(tmp_path, base):
+    base = without(base, "--epochs", "--hidden")
     res = train.main(train.parse_args(base + ["--sweep", "5", "--out", str(tmp_path / "best")]),
                      log=lambda *_: None)
     scores = [s for _, s, _ in res["sweep"]]
@@ -151,11 +152,13 @@ def test_history_rows_are_the_epoch_log_lines(tmp_path, base):
 
 
 def test_sweep_and_layer_sweep_tables_round_trip(tmp_path, base):
+    sweep_base = without(base, "--epochs", "--hidden")
     logs = []
-    res = train.main(train.parse_args(base + ["--sweep", "3"]), log=logs.append)
+    res = train.main(train.parse_args(sweep_base + ["--sweep", "3"]), log=logs.append)
     assert any(line.startswith("no --out: the tables and per-epoch history of this run are printed, not saved")
                for line in logs)
-    res = train.main(train.parse_args(base + ["--sweep", "3", "--out", str(tmp_path / "sweep")]), log=lambda *_: None)
+    res = train.main(train.parse_args(sweep_base + ["--sweep", "3", "--out", str(tmp_path / "sweep")]),
+                     log=lambda *_: None)
     sweep = read_rows(tmp_path / "sweep" / "sweep.csv")
     assert [(int(r["trial"]), float(r["val_map3"])) for r in sweep] == [(t, m) for t, m, _ in res["sweep"]]
     assert [r["hidden"] for r in sweep] == ["x".join(map(str, c["hidden"])) for _, _, c in res["sweep"]]

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from at_scale import embed_cache
+from at_scale import embed_cache, fingerprint
 import evaluate
 import train
 from helpers import PINNED, ROOT, cli_error, count_forward_passes, parser_actions, write_csv
@@ -54,8 +54,8 @@ def train_in(src, tmp_path, tiny):
 
 
 def fingerprint_in(src):
-    done = subprocess.run([sys.executable, "-c", "from at_scale import embed_cache; import json; "
-                           "print(json.dumps(embed_cache.code_fingerprint()))"],
+    done = subprocess.run([sys.executable, "-c", "from at_scale import fingerprint; import json; "
+                           "print(json.dumps(fingerprint.code_fingerprint()))"],
                           cwd=src, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
@@ -87,47 +87,109 @@ def test_an_edit_to_the_math_recomputes_and_says_so_a_comment_or_docstring_does_
     assert "all 12 vectors found in the cache, no forward pass" in said
 
 
-def test_moving_a_function_between_files_keeps_the_fingerprint(source):
-    """The fingerprint keys each function by its name, not its file: stored_dtype moved from
-    at_scale/weights.py to at_scale/runtime.py leaves it equal; then its math edited changes it,
-    and names it alone."""
+def embed_in(src, tmp_path, tiny):
+    """The copy's embed_cache on the tiny checkpoint, one cache for every run -> what it said."""
+    code = ("from at_scale import embed_cache\n"
+            f"embed_cache.embed(['one third', 'a half'], {str(tiny)!r}, cache_dir="
+            f"{str(tmp_path / 'cache')!r}, device='cpu', dtype='float32', progress=False)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return "reused" if "no forward pass" in done.stdout else "computed"
+
+
+# (file, old, new, what the next run does): a researcher's edits, one after another on one copy.
+# The fingerprint is found from the code, so none of them names a function by hand.
+EDITS = [
+    # a new helper called from the path: the call is seen, then every later edit of its body
+    ("qwen_embed.py", "    return F.normalize(v, dim=-1) if normalize else v\n",
+     "    return unit(v) if normalize else v\n\n\ndef unit(v):\n    return F.normalize(v, dim=-1)\n",
+     "computed"),
+    ("qwen_embed.py", "    return F.normalize(v, dim=-1)\n", "    return F.normalize(v, dim=-1, eps=1e-9)\n",
+     "computed"),
+    # a module constant used in the math, then only its value
+    ("qwen_embed.py", "# ------------------------------------------------------------------------------------------- config",
+     "GAIN = 1.0\n\n# config", "reused"),  # defined, used by nothing yet
+    ("qwen_embed.py", "        return self.weight * h.to(x.dtype)", "        return self.weight * h.to(x.dtype) * GAIN",
+     "computed"),
+    ("qwen_embed.py", "GAIN = 1.0", "GAIN = 1.5", "computed"),
+    # the config parsing
+    ("qwen_embed.py", '        cfg.setdefault("rope_theta", rope.get("rope_theta"))',
+     '        cfg.setdefault("rope_theta", rope.get("rope_theta") or 10000.0)', "computed"),
+    # a changed default argument
+    ("qwen_embed.py", "def rope(positions, head_dim, theta, dtype):", "def rope(positions, head_dim, theta, dtype=None):",
+     "computed"),
+    # what cannot change a vector: the text of an error, a log line, the command line, Hub resolution
+    ("qwen_embed.py", '"texts must be a list of strings"', '"texts: give a list of str"', "reused"),
+    ("qwen_embed.py", "    model.load_state_dict(state, strict=True, assign=True)",
+     '    print("weights loaded")\n    model.load_state_dict(state, strict=True, assign=True)', "reused"),
+    ("qwen_embed.py", 'print("weights loaded")', 'print(f"{len(state)} tensors loaded")', "reused"),
+    ("qwen_embed.py", 'print("cosine similarities:")', 'print("cosines:")', "reused"),
+    ("qwen_embed.py", 'allow_patterns=["*.json", "*.safetensors", "*.txt"]',
+     'allow_patterns=["*.json", "*.safetensors"]', "reused"),
+]
+
+
+def test_vectors_follow_every_edit_to_the_code_they_reach_and_no_other(source, tmp_path, tiny):
+    """Each class of edit, through the real cache: recomputed where it reaches a vector, reused
+    where it cannot change one."""
+    assert embed_in(source, tmp_path, tiny) == "computed"
+    assert embed_in(source, tmp_path, tiny) == "reused"
+    for file, old, new, expected in EDITS:
+        edit(source, file, old, new)
+        assert embed_in(source, tmp_path, tiny) == expected, (file, new)
+
+
+def test_a_new_module_on_the_path_and_a_moved_definition(source, tmp_path, tiny):
+    """apply_rope moved to a new module that qwen_embed imports: the fingerprint is the same (a
+    definition is keyed by its name, not its file), and an edit in the new module is followed."""
     before = fingerprint_in(source)
-    text = (source / "at_scale" / "weights.py").read_text()
-    start = text.index("def stored_dtype(")
+    text = (source / "qwen_embed.py").read_text()
+    start = text.index("def apply_rope(")
     end = text.index("\n\n\n", start) + 3
-    moved = text[start:end]
-    (source / "at_scale" / "weights.py").write_text(text[:start] + text[end:].replace(
-        "from at_scale.runtime import GB,", "from at_scale.runtime import GB, stored_dtype,", 1))
-    (source / "at_scale" / "runtime.py").write_text(
-        (source / "at_scale" / "runtime.py").read_text() + "\n\n" + moved)
+    (source / "rope_math.py").write_text("import torch\n\n\n" + text[start:end])
+    (source / "qwen_embed.py").write_text((text[:start] + text[end:]).replace(
+        "from torch import nn\n", "from torch import nn\n\nfrom rope_math import apply_rope\n", 1))
     assert fingerprint_in(source) == before
-    edit(source, "at_scale/runtime.py", "return dtype if dtype.itemsize <= source.itemsize else source",
-         "return dtype if dtype.itemsize < source.itemsize else source")
+    assert embed_in(source, tmp_path, tiny) == "computed"  # the first run of this cache
+    edit(source, "rope_math.py", "x * cos[:, None]", "x * cos[:, None] * 1.0")
     after = fingerprint_in(source)
-    assert after[0] != before[0]
-    assert [n for n in before[1] if before[1][n] != after[1][n]] == ["stored_dtype"]
+    assert [n for n in after[1] if before[1].get(n) != after[1][n]] == ["apply_rope"]
+    assert embed_in(source, tmp_path, tiny) == "computed"
 
 
-def test_a_cache_from_before_fingerprints_is_used_with_one_note(tmp_path, tiny, monkeypatch):
+def test_the_entry_points_and_the_boundary_are_defined_and_reached():
+    """The only names written by hand: each entry point is a definition the walk starts from, the
+    boundary one it reaches and stops at (Hub resolution: where files come from, not what they
+    hold); a name that is gone is an error, never a silently smaller fingerprint."""
+    functions = fingerprint.code_fingerprint()[1]
+    for name in fingerprint.ENTRY_POINTS:
+        fingerprint.reach((name,), ())  # defined
+        assert name.rpartition(".")[2] in functions, name
+    assert fingerprint.reach(("qwen_embed.Qwen3Embedder.from_pretrained",), ()) >= {
+        ("qwen_embed", "resolve_model_dir")}  # reached without the boundary ...
+    assert "resolve_model_dir" not in functions  # ... and stopped at with it
+    for gone in (("qwen_embed.NoSuch",), ("at_scale.weights.nothing",)):
+        with pytest.raises(RuntimeError, match="defined nowhere"):
+            fingerprint.reach(gone, ())
+
+
+@pytest.mark.parametrize("metadata", [None, {"code": "5d7f8f6d43b784b9", "functions": "{}"}])
+def test_a_cache_from_before_fingerprints_is_used_with_one_note(tmp_path, tiny, monkeypatch, metadata):
+    """Chunks written before any fingerprint (no metadata) and by the hand-listed fingerprint of
+    before (its "code" key) are used as they are, with one note."""
     texts = [f"text number {i}" for i in range(5)]
     kw = dict(cache_dir=tmp_path, progress=False, device="cpu", dtype="float32")
     first = embed_cache.embed(texts, str(tiny), log=lambda _: None, **kw)[None]
-    for chunk in tmp_path.glob("*/chunk-*.safetensors"):  # as written before: no metadata
+    for chunk in tmp_path.glob("*/chunk-*.safetensors"):
         with safe_open(chunk, framework="pt") as f:
-            assert f.metadata()["code"] == embed_cache.code_fingerprint()[0]
-        save_file(load_file(chunk), str(chunk))
+            assert f.metadata()["vector_code"] == fingerprint.code_fingerprint()[0]
+        save_file(load_file(chunk), str(chunk), metadata)
     calls, said = count_forward_passes(monkeypatch), []
     got = embed_cache.embed(texts, str(tiny), log=said.append, **kw)[None]
     assert not calls and torch.equal(got, first)
-    notes = [line for line in said if "before the code's fingerprint was recorded" in line]
+    notes = [line for line in said if "before the code's and the weights' fingerprints" in line]
     assert len(notes) == 1 and "used as they are" in notes[0]
-
-
-def test_the_function_list_names_only_code_that_exists(monkeypatch):
-    with pytest.raises(RuntimeError, match="NoSuchClass.forward"):
-        embed_cache.code_fingerprint(("pool", "NoSuchClass.forward"))
-    fingerprint, functions = embed_cache.code_fingerprint()
-    assert set(functions) == set(embed_cache.VECTOR_CODE) and len(fingerprint) == 16
 
 
 # ------------------------------------------------------------------ evaluation embeds as training did
@@ -155,7 +217,7 @@ def test_per_row_instruction_evaluation_computes_the_vectors_training_cached(tmp
                                        str(tmp_path / "b"), "--quiet"]))
 
     def vectors(cache):
-        (folder,) = [p.name for p in cache.iterdir()]
+        (folder,) = [p.name for p in cache.iterdir() if p.is_dir()]
         found = {}
         for chunk in (cache / folder).glob("chunk-*.safetensors"):
             t = load_file(chunk)

@@ -7,7 +7,8 @@
 
 Reads only the CSV and JSON files a run writes (history.csv, layer_sweep.csv, sweep.csv,
 args.json), so a figure can be redrawn without the model or the vectors. The kind is chosen from
-the files (--kind to force one); the format from --out's extension (png, svg, pdf). Needs
+the files (--kind to force one); the format from --out's extension (png, svg, pdf). An existing
+--out is replaced only if plot.py drew it (its metadata says so). Needs
 matplotlib, a development requirement: the product never imports it.
 """
 
@@ -20,6 +21,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's data.py
+from data import atomic_path, check_out  # noqa: E402
+
+MARK = "tools/plot.py of qwen3-mlp"  # in every figure's metadata: a file plot.py may replace
 KINDS = {"layers": "layer_sweep.csv", "sweep": "sweep.csv", "curves": "history.csv"}
 SWEPT = [("lr", "peak learning rate", True), ("dropout", "dropout", False), ("weight_decay", "weight decay", False),
          ("label_smoothing", "label smoothing", False), ("epochs", "epochs", False), ("hidden", "hidden sizes", False)]
@@ -136,13 +141,16 @@ def main(args):
         raise ValueError(f"--kind {kind} needs {KINDS[kind]}, which {', '.join(lacking)} lacks")
     if Path(args.out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ValueError(f"--out {args.out}: the figure's format comes from its extension: .png, .svg or .pdf")
+    check_out(args.out, kind="file", owned=lambda path: MARK.encode() in path.read_bytes())
     fig = plt.figure(figsize=(12, 7) if kind == "sweep" else (11, 4.5) if kind == "curves" else (8, 4.5),
                      layout="constrained")
     {"curves": plot_curves, "layers": plot_layers, "sweep": plot_sweep}[kind](fig, runs)
     described = sorted({describe(r["args"]) for r in runs} - {""})
     fig.suptitle(" | ".join(described) if len(described) == 1 else ", ".join(r["name"] for r in runs))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=args.dpi)
+    suffix = Path(args.out).suffix.lower()[1:]
+    with atomic_path(args.out) as tmp:  # marked as ours, so that redrawing it may replace it
+        fig.savefig(tmp, format=suffix, dpi=args.dpi,
+                    metadata={"Software" if suffix == "png" else "Creator": MARK})
     print(f"wrote {args.out} ({kind}: {', '.join(r['name'] for r in runs)})")
     return fig
 
