@@ -543,16 +543,25 @@ class Cache:
                     dst = [i for j in range(start, start + len(block)) for i in hits[j]]
                     out[dst] = block[src]
 
+    NOTES = ("fidelity", "code")  # what note() may add to spec.json beside the spec
+
     def info(self):
-        """spec.json as written: the spec, and what was measured beside it (fidelity, not
-        hashed)."""
+        """spec.json as written: the spec, and what was noted beside it (NOTES, not hashed). A key
+        that is neither is refused, naming it: no version of this code wrote it."""
         try:
-            return json.loads((self.dir / "spec.json").read_text())
+            found = json.loads((self.dir / "spec.json").read_text())
         except (OSError, ValueError):
             return dict(self.spec)
+        unknown = sorted(found.keys() - self.spec.keys() - set(self.NOTES))
+        if unknown:
+            raise ValueError(f"{self.dir / 'spec.json'}: records {unknown}, which this version of "
+                             f"the code does not know (a cache of newer code?)")
+        return found
 
     def note(self, extra):
         """Add measured figures to spec.json, beside the spec (the hash is the spec's alone)."""
+        if extra.keys() - set(self.NOTES):
+            raise RuntimeError(f"Cache.note: {sorted(extra)} are not among Cache.NOTES")
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.dir / "spec.json") as tmp:
             tmp.write_text(json.dumps({**self.info(), **extra, **self.spec}, indent=2))

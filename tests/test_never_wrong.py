@@ -323,3 +323,10 @@ def test_flags_that_would_fail_after_the_embedding_fail_before_it(run, flags, sa
     calls = count_forward_passes(monkeypatch)
     assert said in cli_error(train, argv + flags)
     assert not calls
+
+
+def test_a_cache_spec_file_with_a_key_no_version_wrote_is_refused(tmp_path, run):
+    train.main(train.parse_args(run), log=lambda _: None)
+    (spec_file,) = (tmp_path / "cache").glob("*/spec.json")
+    spec_file.write_text(json.dumps({**json.loads(spec_file.read_text()), "temperature": 0.5}))
+    assert "records ['temperature'], which this version" in cli_error(train, run)
