@@ -22,10 +22,10 @@ import copy
 import functools
 import hashlib
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
-
-from data import atomic_path
 
 ROOT = Path(__file__).resolve().parent.parent  # the project: modules are files under it
 
@@ -267,10 +267,12 @@ def file_sha256(file, memo_dir, log=None):
     with open(file, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     memo[str(file)] = {"stat": stamp, "sha256": digest, "seconds": round(time.time() - t0, 2)}
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(memo_file) as tmp:
-            tmp.write_text(json.dumps(memo, indent=1))
+    try:  # a temporary file renamed over the memo (not a folder: the cache's folders are its specs)
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{MEMO}.", dir=memo_file.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(memo, indent=1))
+        os.replace(tmp, memo_file)
     except OSError:  # a read-only cache folder: the hash is right, only not remembered
         pass
     return digest

@@ -256,7 +256,7 @@ def causal_varlen_attn(q, k, v, cu, max_len):
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
-COMPILE_MIN_TOKENS = 100_000  # compile=None compiles jobs this large (FastPaths.maybe_compile)
+COMPILE_MIN_TOKENS = 100_000  # compile=None compiles CUDA jobs this large (FastPaths.maybe_compile)
 
 
 def compile_blocks(model):
@@ -276,17 +276,20 @@ def uncompile_blocks(model):
 
 class FastPaths:
     """An embedder's speed-only paths, decided once: FlashAttention on packed tokens where
-    varlen_usable, torch.compile by job size (compile=None: COMPILE_MIN_TOKENS tokens or more; the
-    one-time cost, measured on CPU at 7-15 s and 2 s once cached on disk, is small against the
-    work). If either fails, one warning says so and the eager, padded reference path runs from
-    then on: slower, never wrong."""
+    varlen_usable, and torch.compile. compile=None decides by what was measured: on the CPU,
+    never (end to end on 2,272 MAP rows it cost up to 2.8x at a tiny width and gained nothing
+    measurable at the 0.6B's and the 8B's widths, its compile time counted: docs/measurements.md);
+    on CUDA, for jobs of COMPILE_MIN_TOKENS tokens or more (not yet measured on a GPU). If a fast
+    path fails, one warning says so and the eager, padded reference path runs from then on:
+    slower, never wrong."""
 
     def __init__(self, device, dtype, compile=None):
         self.varlen, self.compile, self.compiled = varlen_usable(device, dtype), compile, False
+        self.device_type = device.type
 
     def maybe_compile(self, model, n_tokens, log):
-        small = self.compile is None and n_tokens < COMPILE_MIN_TOKENS
-        if self.compiled or self.compile is False or small:
+        small = n_tokens < COMPILE_MIN_TOKENS or self.device_type != "cuda"
+        if self.compiled or self.compile is False or (self.compile is None and small):
             return
         log("compiling the model's blocks with torch.compile: once per run, longer the first time, "
             "cached on disk after (compile=False or --no-compile runs eagerly)")

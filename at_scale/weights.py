@@ -460,10 +460,15 @@ def choose_format(quantize, tensors, config, dtype, batch_tokens, budget):
                          f"batch; {where}"
                          + ("" if quantize == "auto" else f" (--quantize {quantize})"))
     fmt = fits[0]
-    name = {"none": f"as shipped, {stored}", "int8": "int8",
+    shipped = "/".join(sorted({dtype_name(source) for shape, source in tensors.values()
+                               if len(shape) == 2}))
+    kept = f"as shipped, {stored}" if stored == shipped else (  # fp32 weights, bf16 compute
+        f"stored {shipped}, kept in {stored} (converted while loading)")
+    name = {"none": kept, "int8": "int8",
             "int4": f"int4 ({' and '.join(k.split('.')[0] for k in MIXED_8BIT)} in int8)"}[fmt]
     tried = FORMATS[:FORMATS.index(fmt)] if quantize == "auto" else ()
     why = "".join(f"{'as shipped' if f == 'none' else f} they need {sizes[f] / GB:.1f} GB; "
                   for f in tried)
     why = why or (f"--quantize {fmt}; " if fmt != "none" else "")
-    return fmt, f"weights: {name}, {sizes[fmt] / GB:.1f} GB ({why}{where})"
+    return fmt, (f"weights: {name}, {sizes[fmt] / GB:.1f} GB, computing in {dtype_name(dtype)} "
+                 f"({why}{where})")

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def bench(*flags):
     """bench.py's stdout, on the CPU; a failed run fails the test with its stderr."""
@@ -13,6 +15,7 @@ def bench(*flags):
     return out.stdout
 
 
+@pytest.mark.slow
 def test_bench_smoke_run():
     out = bench("--shape", "tiny", "--texts", "24", "--batch-size", "8", "--budgets", "64", "--no-compiled-variants",
                 "--dtype", "float32")

@@ -40,7 +40,7 @@ def test_two_processes_equal_one(tmp_path, tiny):
     proc = torchrun(args + ["--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "two")])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert out.count("rows, ") == 1  # rank 0 alone logs
+    assert out.count(" rows, 4 labels") == 1  # rank 0 alone logs
     assert re.search(r"rank 0: \d+ texts, \d+ tokens", out) and re.search(r"rank 1: \d+ texts, \d+ tokens", out)
     train.main(train.parse_args(args + ["--cache-dir", str(tmp_path / "c1"), "--out", str(tmp_path / "one")]),
                log=lambda *_: None)

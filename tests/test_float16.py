@@ -146,6 +146,7 @@ def test_planted_massive_activations_tiny(tmp_path, first_token, case, fmt):
 
 
 @pytest.mark.parametrize("case", ["residual", "intermediate"])
+@pytest.mark.slow
 def test_planted_massive_activations_at_the_8b_width(tmp_path_factory, first_token, case):
     """Hidden 4096, 32 heads of 128, 8 key/value heads, MLP 12288 (the 8B's), 2 layers, bf16 as
     shipped; then int8 and int4."""

@@ -334,10 +334,12 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, ours, monkeypatch):
             assert (compiled.encode(TEXTS, progress=False, **kw) - ours.encode(TEXTS, progress=False)).abs().max() <= TOL
             assert compiled.compiled  # a failed compile (or a recompile past the limit) would have fallen back
 
-    auto = Embedder.from_pretrained(tiny, device="cpu", dtype="float32")  # compile=None: by job size
+    auto = Embedder.from_pretrained(tiny, device="cpu", dtype="float32")  # compile=None: measured
     auto.encode(TEXTS, progress=False)
-    assert not auto.compiled
     monkeypatch.setattr(runtime, "COMPILE_MIN_TOKENS", 10)
+    auto.fast.maybe_compile(auto.model, 20, log=pytest.fail)
+    assert not auto.compiled  # on the CPU never by default, however big the job
+    auto.fast.device_type = "cuda"  # on CUDA, by the job's size: COMPILE_MIN_TOKENS read now
     logs = []
     auto.fast.maybe_compile(auto.model, 20, log=logs.append)
     assert auto.compiled and "compiling" in logs[0]

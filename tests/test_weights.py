@@ -295,12 +295,19 @@ def test_auto_keeps_as_shipped_then_int8_then_int4_then_says_nothing_fits():
     choose = lambda gb, dtype=torch.float32: weights.choose_format("auto", tensors, config, dtype, 2048,
                                                                     (int(gb * 1e9), f"{gb} GB here"))
     fmt, line = choose(24)  # a 24 GB CPU box without native bf16: bf16 kept, not widened to 30 GB of fp32
-    assert fmt == "none" and line.startswith("weights: as shipped, bfloat16, 15.1 GB (24 GB here)")
+    assert fmt == "none" and line.startswith("weights: as shipped, bfloat16, 15.1 GB, computing in float32 "
+                                             "(24 GB here)")
     fmt, line = choose(14)  # a T4's budget
-    assert fmt == "int8" and line == "weights: int8, 8.0 GB (as shipped they need 15.1 GB; 14 GB here)"
+    assert fmt == "int8" and line == ("weights: int8, 8.0 GB, computing in float32 (as shipped they need "
+                                      "15.1 GB; 14 GB here)")
     fmt, line = choose(7)  # an 8 GB card's
-    assert fmt == "int4" and line == ("weights: int4 (embed_tokens and v_proj in int8), 4.7 GB (as shipped they "
-                                      "need 15.1 GB; int8 they need 8.0 GB; 7 GB here)")
+    assert fmt == "int4" and line == ("weights: int4 (embed_tokens and v_proj in int8), 4.7 GB, computing in "
+                                      "float32 (as shipped they need 15.1 GB; int8 they need 8.0 GB; 7 GB here)")
+    # float32 weights computed in bfloat16: what is stored, what is kept, what it computes in
+    wide = {k: (shape, torch.float32) for k, (shape, _) in tensors.items()}
+    line = weights.choose_format("auto", wide, config, torch.bfloat16, 2048, (int(64e9), "64 GB here"))[1]
+    assert line.startswith("weights: stored float32, kept in bfloat16 (converted while loading), 15.1 GB, "
+                           "computing in bfloat16 (64 GB here)")
     with pytest.raises(ValueError, match=r"^the model does not fit: its weights need 15.1 GB bfloat16 as shipped, "
                                          r"8.0 GB in int8 or 4.7 GB in int4, plus \d.\d GB for a batch; 4 GB here$"):
         choose(4)

@@ -5,9 +5,11 @@
     python tools/bench.py --head --device cuda                          # the head phase at full MAP size
 
 Weights are random at a real model's shape (--layers keeps CPU runs short: per-layer cost is what
-matters). Texts are ../shared/data/map_dev_sample.csv rendered with train.py's default template
-when present, else generated texts of similar lengths; the tokenizer is ../shared/tokenizer/ when
-present (Qwen's real vocabulary), else the tiny test one. Reported: texts/s, real tokens/s, padded
+matters). Texts: --data, a CSV in the MAP format rendered with train.py's default template (the
+published figures used rows of the competition's train.csv); without it, generated texts of
+similar lengths, and one line says so. Tokenizer: --tokenizer, a tokenizer.json (the published
+figures used Qwen's real one, 151,643 byte-level BPE tokens, whose vocabulary sets the embedding
+table); without it the tiny test tokenizer, and one line says so. Reported: texts/s, real tokens/s, padded
 tokens per real token (the rows the matmuls process), peak memory, achieved FLOP/s over the matmul
 peak measured in this run, and the max abs difference to our vectors.
 """
@@ -36,14 +38,11 @@ from data import MAP_TEMPLATE, read_csv, render  # noqa: E402
 from qwen_embed import Qwen3Config  # noqa: E402
 from tools.random_checkpoint import SHAPES, make_checkpoint  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
-
-
-def load_texts(n, seed=0):
-    csv_path = SHARED / "data" / "map_dev_sample.csv"
-    if csv_path.exists():
+def load_texts(n, csv_path=None, seed=0):
+    if csv_path:
         texts = render(MAP_TEMPLATE, read_csv(csv_path)[1])
     else:  # similar lengths: a question, an answer and a short explanation
+        print("no --data: generated texts of similar lengths (not the figures of a real CSV)")
         rng = random.Random(seed)
         words = "the fraction of shaded parts is one third because six over nine simplifies".split()
         texts = [f"Question: {' '.join(rng.choices(words, k=rng.randint(10, 40)))}\nAnswer: 1/3\n"
@@ -119,12 +118,13 @@ def timed(name, fn, device):
 def write_checkpoint(args, folder, shape):
     """A random checkpoint at the shape, stored in --weights-dtype (bf16 as every Qwen3 release ships)."""
     t = time.perf_counter()
-    tokenizer = SHARED / "tokenizer" / "tokenizer.json"
-    real_tokenizer = tokenizer.exists() and args.shape != "tiny"
+    tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    if tokenizer is None:
+        print("no --tokenizer: the tiny test tokenizer (token counts and vocabulary are not Qwen's)")
     make_checkpoint(folder, **shape, dtype=getattr(torch, args.weights_dtype),
-                    **(dict(tokenizer=tokenizer, vocab_size=151669) if real_tokenizer else {}))
-    if real_tokenizer:
-        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+                    **(dict(tokenizer=tokenizer, vocab_size=151669) if tokenizer else {}))
+    for extra in ("tokenizer_config.json", "special_tokens_map.json") if tokenizer else ():
+        if (tokenizer.parent / extra).is_file():
             shutil.copy(tokenizer.parent / extra, folder / extra)
     size = (folder / "model.safetensors").stat().st_size
     print(f"checkpoint: {args.shape} shape, {shape['layers']} layers, {size / 2**30:.2f} GiB {args.weights_dtype}, "
@@ -229,7 +229,7 @@ def print_runs(runs, texts, real, flops, peak):
 def main(args):
     device, dtype = pick_device_dtype(args.device, args.dtype)
     torch.manual_seed(0)
-    texts = load_texts(args.texts)
+    texts = load_texts(args.texts, args.data)
     shape = dict(SHAPES[args.shape], layers=args.layers or SHAPES[args.shape]["layers"])
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
@@ -285,6 +285,10 @@ def measure_load(folder, device, dtype, quantize):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (Qwen's for real token "
+                   "counts); None: the tiny test one, said")
+    p.add_argument("--data", default=None, help="a CSV in the MAP format; None: generated texts, "
+                   "said")
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the real model (default: all)")
     p.add_argument("--texts", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=32, help="texts per batch of the references")

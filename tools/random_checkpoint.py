@@ -2,7 +2,7 @@
 
     python tools/random_checkpoint.py DIR                                   # tiny: 2 layers, hidden 64
     python tools/random_checkpoint.py DIR --shape 8b --dtype bfloat16 --shards 4 --prefix model. \
-        --tokenizer ../shared/tokenizer/tokenizer.json                # Qwen3-8B's exact shape, 16.4 GB
+        --tokenizer QWEN/tokenizer.json                              # Qwen3-8B's exact shape, 16.4 GB
 
 Real weights cannot be downloaded in CI, so tests, benchmarks and memory measurements use these:
 config.json, safetensors (every weight random, norms included; each tensor seeded by its name, so
