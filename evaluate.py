@@ -70,10 +70,29 @@ def load_texts(args, spec):
 
 
 def read_embedding(meta, folder):
-    """(EmbedSpec, the meta's embedding record): a key that no version of the code wrote is refused
-    (EmbedSpec.from_meta), the others being the fields of what train.py records beside the spec."""
+    """The checkpoint's EmbedSpec, or None for a head trained on a vectors file: a key that no
+    version of the code wrote is refused (EmbedSpec.from_meta), the others being the fields of
+    what train.py records beside the spec."""
     beside = [f.name for kind in (RowsSpec, Measured) for f in fields(kind)]
-    return EmbedSpec.from_meta(meta["embedding"], folder / "meta.json", beside)
+    spec = EmbedSpec.from_meta({"model": "", **meta["embedding"]}, folder / "meta.json", beside)
+    return None if meta["embedding"].get("vectors_from") else spec
+
+
+def file_vectors(args, saved, spec, heads, ids):
+    """--vectors FILE: the rows' vectors from the file, refused in one line, before any work, if
+    another embedder (or other settings) made them than the ones the head was trained on, or
+    their size is not the head's input."""
+    x, made = embed_cache.read_vectors(args.vectors, ids)
+    trained = saved.get("vectors_from") or embed_cache.made_by(spec, saved.get("model_identity"))
+    differ = embed_cache.embedder_differences(made, trained)
+    if differ:
+        raise ValueError(f"--vectors {args.vectors}: not the vectors the head was trained on "
+                         f"(this file vs training: {'; '.join(differ[:4])}"
+                         f"{'; ...' if len(differ) > 4 else ''})")
+    if x.shape[1] != heads[0].hparams["in_dim"]:
+        raise ValueError(f"--vectors {args.vectors}: {x.shape[1]}-d vectors, the head takes "
+                         f"{heads[0].hparams['in_dim']}")
+    return x
 
 
 def check_model(args, spec, saved, heads, options):
@@ -123,22 +142,31 @@ def main(args):
     saved, labels = meta["embedding"], meta["labels"]
     spec = read_embedding(meta, Path(args.checkpoint))
     columns, rows, texts = load_texts(args, saved)
-    check_model(args, spec, saved, heads, options)
-    # the vectors the head was trained on: the checkpoint's spec, its weights unless --quantize
-    spec = replace(spec, model=args.model or spec.model, dtype=embedding_dtype(args, saved),
-                   weights=args.quantize or spec.weights)
-    if meta.get("lora"):
-        vectors = lora_vectors(args.checkpoint, meta["lora"], spec, texts, options)
+    ids = [row[saved["id_col"]] for row in rows]
+    if spec is None and not args.vectors:
+        made = saved["vectors_from"]
+        raise ValueError(f"{args.checkpoint}: its head was trained on vectors from a file "
+                         f"({made['embedder']}, {made['settings'].get('model', 'model unnamed')}):"
+                         f" there is no model to embed with; give --vectors FILE")
+    if args.vectors:
+        cli.refuse_given(args, EMBEDDING_FLAGS - {"device", "quiet", "cache_dir"}, "--vectors",
+                         "has no model to use")
+        vectors = file_vectors(args, saved, spec, heads, ids)
     else:
-        stored = embed_cache.ensure_cached(texts, spec, options,
-                                           ids=[row[saved["id_col"]] for row in rows])
-        if stored is None:  # a torchrun rank other than 0: its share is embedded and cached
-            return None
-        vectors = stored[spec.pooling, spec.layer].load()
+        check_model(args, spec, saved, heads, options)
+        # the vectors the head was trained on: the checkpoint's spec, its weights unless --quantize
+        spec = replace(spec, model=args.model or spec.model, dtype=embedding_dtype(args, saved),
+                       weights=args.quantize or spec.weights)
+        if meta.get("lora"):
+            vectors = lora_vectors(args.checkpoint, meta["lora"], spec, texts, options)
+        else:
+            stored = embed_cache.ensure_cached(texts, spec, options, ids=ids)
+            if stored is None:  # a torchrun rank other than 0: its share is embedded and cached
+                return None
+            vectors = stored[spec.pooling, spec.layer].load()
     device = pick_device(args.head_device or args.device)
     probs = predict_proba([h.to(device) for h in heads], vectors).cpu()
     predictions = top_k(probs, labels)
-    ids = [row[saved["id_col"]] for row in rows]
     result = {"predictions": predictions, "probs": probs}
     if all(c in columns for c in saved["label_cols"]):  # labelled data: score it
         truth = labels_of(rows, saved["label_cols"])
@@ -168,17 +196,24 @@ def parse_args(argv=None):
                    help="CSV to predict; scored when it has the label columns")
     p.add_argument("--out", default=None, help="write a submission CSV here (id, three "
                    "space-separated labels); None: none is written")
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
-                   help="compute dtype (float16: guarded, as in train.py); None: the checkpoint's, "
-                   "so that the vectors are the ones "
-                   "its head was trained on")
     p.add_argument("--head-device", default=None,
                    help="where the heads predict; None: the embedding device")
-    p.add_argument("--model", default=None, help="a folder or Hub id to embed with, its content "
+    p.add_argument("--vectors", default=None, help="score these vectors (a file of "
+                   "tools/st_vectors.py or train.py --save-vectors), their embedder and settings "
+                   "the ones the head was trained on; None: embed the texts")
+    e = p.add_argument_group("embedding (not with --vectors)")
+    e.add_argument("--model", default=None, help="a folder or Hub id to embed with, its content "
                    "the one the head was trained with (a moved or copied model); None: the one "
                    "the checkpoint names")
-    cli.add_flags(p, quantize_default=None)
-    return p.parse_args(argv)
+    e.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="compute dtype (float16: guarded, as in train.py); None: the checkpoint's, "
+                   "so that the vectors are the ones its head was trained on")
+    cli.add_flags(e, quantize_default=None)
+    EMBEDDING_FLAGS.update(a.dest for a in e._group_actions)
+    return cli.parse_given(p, argv)
+
+
+EMBEDDING_FLAGS = set()  # the embedding group's flags, filled from the parser: --vectors skips them
 
 
 if __name__ == "__main__":

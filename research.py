@@ -11,12 +11,13 @@ It builds on train.py (imported here; train.py imports this file only when a mod
 
 import argparse
 import dataclasses
+import hashlib
+import inspect
 import json
 import math
-import random
 import time
+import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -28,17 +29,15 @@ from at_scale.lora import add_lora, check_lora, checkpoint_blocks
 from at_scale.runtime import dtype_name, pick_device
 from at_scale.weights import checkpoint_tensors
 from cli import check_ranges, log, refuse_given
-from data import write_tables
+from data import kfold, write_tables
 import fit
 from fit import interrupted, make_head, score_head, train_head, train_loop
+from mlp_head import ACTIVATIONS, head_loss, head_options
 from qwen_embed import POOLINGS, Qwen3Config
 
 
 def run(args, spec, options, data, task, results):
     """The mode the flags ask for -> the results (with --out: its tables, or its checkpoint)."""
-    if not args.out:
-        log("no --out: the tables and per-epoch history of this run are printed, not saved (--out "
-            "DIR keeps them as CSV)")
     if args.layer_sweep or args.compare_pooling:
         return layer_sweep(args, spec, options, data, task, results)
     if args.lora_rank:  # fine-tuning: no cached vectors, they change as the adapters learn
@@ -46,13 +45,11 @@ def run(args, spec, options, data, task, results):
             fitted, spec, fidelity, folder = train_lora(args, spec, data.texts, task)
         identity = fingerprint.model_identity(folder, args.cache_dir, log)
         return train.finish(args, data, task, fitted, results, spec, Measured(identity, fidelity))
-    stored = train.cache_vectors(args, spec, options, data)
-    if stored is None:  # a torchrun rank other than 0
+    found = train.load_vectors(args, spec, options, data)
+    if found is None:  # a torchrun rank other than 0
         return None
-    vectors = stored[args.pooling, args.layer]
-    fitted = fit_sweep(args, vectors.load(), task)
-    return train.finish(args, data, task, fitted, results, vectors.spec,
-                        Measured(vectors.model_identity, vectors.cache.info().get("fidelity")))
+    x, spec, measured = found
+    return train.finish(args, data, task, fit_sweep(args, x, task), results, spec, measured)
 
 
 def check_flags(args):
@@ -64,8 +61,8 @@ def check_flags(args):
         ("--lora-layers", args.lora_layers, args.lora_layers is None or args.lora_layers >= 1,
          "between 1 and the model's layers"),
     ])
-    if (args.sweep or args.layer_sweep or args.compare_pooling) and args.folds:
-        raise ValueError("--sweep, --layer-sweep and --compare-pooling use one split: drop --folds")
+    if (args.layer_sweep or args.compare_pooling) and args.folds:
+        raise ValueError("--layer-sweep and --compare-pooling use one split: drop --folds")
     for mode, dests, why in ignored(args):
         refuse_given(args, dests, mode, why)
     if args.lora_rank:  # a local config is read; a Hub model is checked once loaded
@@ -79,7 +76,8 @@ def check_flags(args):
 
 
 # What LoRA does not use of the embedding flags: it caches no vectors and runs the model eagerly.
-LORA_IGNORES = ("compile", "cache_chunk", "cache_seconds", "batch_size", "max_batch_tokens")
+LORA_IGNORES = ("compile", "cache_chunk", "cache_seconds", "batch_size", "max_batch_tokens",
+                "save_vectors")
 LORA_ONLY = set()  # the LoRA group's flags but --lora-rank, filled by add_flags from the parser
 
 
@@ -87,8 +85,9 @@ def ignored(args):
     """(mode, the flags' dests it ignores or sets itself, which of the two) for the modes asked
     for: a flag given for them would be dropped without a word."""
     found = [("--folds", {"val_frac"}, "ignores")] if args.folds else []
-    if args.sweep:  # the search space's own names
-        found.append(("--sweep", set(sample_head_config(random.Random(0))), "sets itself"))
+    if args.layer_sweep or args.compare_pooling:  # a table of vectors, not one set to write
+        found.append(("--layer-sweep" if args.layer_sweep else "--compare-pooling",
+                      {"save_vectors"}, "ignores"))
     if args.layer_sweep:
         found.append(("--layer-sweep", {"layer"}, "sets itself"))
     if args.compare_pooling:
@@ -104,8 +103,16 @@ def add_flags(p):
                    help="one forward pass, a head per layer, a table of val MAP@3")
     r.add_argument("--compare-pooling", action="store_true",
                    help="the same for last and mean pooling")
-    r.add_argument("--sweep", type=int, default=0,
-                   help="try N random head configurations, rank them, save the best")
+    r.add_argument("--sweep", type=int, default=0, help="an Optuna study of N head configurations "
+                   "(TPE, pruned; a head flag given fixes that option); rerun to resume; the best "
+                   "is saved")
+    r.add_argument("--sweep-storage", default=None, help="a database URL that several processes "
+                   "or machines share the study through (sqlite:///x.db, postgresql://...); None: "
+                   "an SQLite file in --cache-dir")
+    r.add_argument("--sweep-sampler", choices=["tpe", "random"], default="tpe",
+                   help="how the study proposes configurations")
+    r.add_argument("--no-sweep-prune", action="store_true",
+                   help="run every trial to its last epoch")
     t = p.add_argument_group("fine-tuning the embedder with LoRA (at_scale/lora.py)")
     t.add_argument("--lora-rank", type=int, default=0,
                    help="rank of the adapters; 0: frozen vectors (cached)")
@@ -121,68 +128,234 @@ def add_flags(p):
     LORA_ONLY.update(a.dest for a in t._group_actions if a.dest != "lora_rank")
 
 
-# ----------------------------------------------------------------------------- the head sweep
+# ----------------------------------------------------------------------------- the head search
 
-class Trial(NamedTuple):
-    """One --sweep trial: its head configuration and score."""
-    index: int
-    config: dict
-    map3: float  # validation MAP@3
-    seconds: float
+# A study's trials write their heartbeat to the storage this often (seconds); one silent for
+# STALE_AFTER is a killed process's, failed and retried once with the same parameters.
+HEARTBEAT, STALE_AFTER = 10, 30
+
+
+# The search space of --sweep, each option's range: every option of MLPHead and head_loss (a new one
+# without a range is refused by check_space), and the training flags lr, weight decay and epochs.
+SPACE = {
+    "hidden": lambda trial: [int(h) for h in trial.suggest_categorical(
+        "hidden", ["256x128", "512x256", "1024x512", "2048x1024"]).split("x")],
+    "dropout": lambda trial: trial.suggest_categorical("dropout", [0.0, 0.1, 0.2, 0.3, 0.5]),
+    "activation": lambda trial: trial.suggest_categorical("activation", sorted(ACTIVATIONS)),
+    "input_norm": lambda trial: trial.suggest_categorical("input_norm", [False, True]),
+    "label_smoothing": lambda trial: trial.suggest_categorical("label_smoothing",
+                                                               [0.0, 0.05, 0.1]),
+    "lr": lambda trial: trial.suggest_float("lr", 1e-4, 10 ** -2.5, log=True),
+    "weight_decay": lambda trial: trial.suggest_categorical("weight_decay",
+                                                            [0.0, 1e-4, 1e-2, 0.1]),
+    "epochs": lambda trial: trial.suggest_categorical("epochs", [10, 20, 30, 50]),
+}
+
+
+def suggest(trial, args, space=SPACE):
+    """One head configuration: each option of the space drawn from its range, unless the command
+    line gave its flag (args.given), which fixes it."""
+    check_space(space)
+    given = getattr(args, "given", {})
+    return {name: getattr(args, name) if name in given else draw(trial)
+            for name, draw in space.items()}
+
+
+def check_space(space):
+    """Every head option and loss option has a range: the options are read from MLPHead's and
+    head_loss's signatures, so a new one cannot be silently left out of the search."""
+    options = {name for name in head_options() if name not in ("in_dim", "n_classes")}
+    options |= {p.name for p in inspect.signature(head_loss).parameters.values()
+                if p.default is not p.empty}
+    missing = sorted(options - space.keys())
+    if missing:
+        raise RuntimeError(f"research.SPACE has no range for {missing}")
+
+
+def optuna_or_say():
+    try:
+        import optuna
+    except ImportError:
+        raise ValueError("--sweep runs an Optuna study: pip install optuna") from None
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial instead
+    # the heartbeat and its retry are marked experimental; a run's output is its own lines
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def study_name(args, x, task):
+    """What a study's trials are comparable under: the vectors, the labels and the split, the
+    head and training flags (the seed among them) and which of them are fixed, the search space
+    (SPACE's code), the sampler and the pruner. Any change: another study."""
+    fixed = sorted(set(getattr(args, "given", {})) & SPACE.keys())
+    flags = {d: getattr(args, d) for d in sorted(train.HEAD_FLAGS - {"out", "head_device"})}
+    h = hashlib.sha256()
+    for part in (x.numpy().tobytes(), task.y.numpy().tobytes(), task.tr.numpy().tobytes(),
+                 json.dumps([args.folds, args.group_col, flags, fixed, args.sweep_sampler,
+                             args.no_sweep_prune]).encode(),
+                 "".join(inspect.getsource(draw) for draw in SPACE.values()).encode()):
+        h.update(part)
+    return f"sweep-{h.hexdigest()[:16]}"
+
+
+def open_study(args, x, task, optuna):
+    """The study of this command: found where the last run left it (resumed: its finished trials
+    kept, a killed trial retried once with the same parameters) or created. The storage:
+    --sweep-storage, or an SQLite file in --cache-dir (the cache's folder, never --out, which a
+    run replaces whole)."""
+    url = args.sweep_storage or f"sqlite:///{Path(args.cache_dir).resolve() / 'sweeps.db'}"
+    if not args.sweep_storage:
+        Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+    retry = {"heartbeat_stale_trial_callback": "RetryHeartbeatStaleTrialCallback",  # Optuna 4.9+
+             "failed_trial_callback": "RetryFailedTrialCallback"}  # before: the same, named so
+    argument = next(a for a in retry
+                    if a in inspect.signature(optuna.storages.RDBStorage).parameters)
+    storage = optuna.storages.RDBStorage(
+        url, heartbeat_interval=HEARTBEAT, grace_period=STALE_AFTER,
+        **{argument: getattr(optuna.storages, retry[argument])(max_retry=1)})
+    name = study_name(args, x, task)
+    sampler = (optuna.samplers.RandomSampler(seed=args.seed) if args.sweep_sampler == "random"
+               else optuna.samplers.TPESampler(seed=args.seed))
+    pruner = (optuna.pruners.NopPruner() if args.no_sweep_prune else
+              optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="maximize", load_if_exists=True)
+    optuna.storages.fail_stale_trials(study)  # a killed run's trial: failed, then retried
+    done = len(finished(study))
+    log(f"sweep: {'resuming' if study.trials else 'a new'} study {name} in {url} ({done} of "
+        f"{args.sweep} trials finished)")
+    return study
+
+
+def finished(study):
+    """The trials that count towards --sweep N: complete, pruned or failed, but not one that was
+    stopped (Ctrl-C) or killed and is retried."""
+    trials = study.get_trials(deepcopy=False)
+    retried = ({t.system_attrs.get("failed_trial") for t in trials}  # killed: Optuna retries it
+               | {t.user_attrs.get("retry_of") for t in trials})  # stopped: we enqueued it again
+    return [t for t in trials
+            if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and t.number not in retried]
 
 
 def fit_sweep(args, x, task):
-    """--sweep N random head configurations on the same vectors and split. Only the best trial's
-    head and probabilities are kept; the others are scored and dropped."""
-    rng, trials, best, history = random.Random(args.seed), [], None, []
+    """--sweep N: an Optuna study of head configurations on the same vectors and split (TPE, seeded;
+    a trial pruned once its validation MAP@3 lags the median of earlier trials at the same epoch;
+    with --folds the mean over the folds). Trials run until the study holds N finished ones, so a
+    rerun resumes, and processes sharing --sweep-storage share the N. The best configuration is
+    trained again to give the head kept (the K heads with --folds)."""
+    optuna = optuna_or_say()
+    study = open_study(args, x, task, optuna)
+    current = {}
+    objective = objective_of(args, x, task, optuna, current)
 
-    def progress():  # for Ctrl-C
-        return f"after {len(trials)} of {args.sweep} sweep trials" + (
-            f" (best so far: trial {best.index}, val MAP@3 {best.map3:.4f}, "
-            f"{json.dumps(best.config)})" if best else "")
+    def progress():
+        return f"after {len(finished(study))} of {args.sweep} sweep trials"
 
-    tr, va = task.tr, task.va
     with interrupted(progress):
-        for i in range(args.sweep):
-            config = sample_head_config(rng)
-            t0 = time.time()
-            try:
-                head, result = train_head(x[tr], task.y[tr], x[va], task.y[va], task.labels,
-                                          argparse.Namespace(**{**vars(args), **config}))
-            except FloatingPointError as e:  # a diverged trial fails alone; the sweep goes on
-                log(f"trial {i:3d}: failed ({e})  {json.dumps(config)}")
-                continue
-            trials.append(Trial(i, config, result.scores.map3, time.time() - t0))
-            history += [{"trial": i, **row} for row in result.history]
-            if best is None or trials[-1].map3 > best.map3:
-                best, best_head, best_probs = trials[-1], head, result.scores.probs
-            del head, result  # only the best trial's head and probabilities stay
-            log(f"trial {i:3d}: val MAP@3 {trials[-1].map3:.4f}  {json.dumps(config)}  "
-                f"{trials[-1].seconds:.1f}s")
-    if not trials:
-        raise FloatingPointError(f"every one of the {args.sweep} sweep trials diverged")
-    trials.sort(key=lambda t: (-t.map3, t.index))
-    print_table(["rank", "trial", "val MAP@3", "hidden", "dropout", "lr", "wd", "smooth", "epochs",
-                 "time"],
-                [[r + 1, t.index, f"{t.map3:.4f}", "x".join(map(str, t.config["hidden"])),
-                  t.config["dropout"], f"{t.config['lr']:.2e}", t.config["weight_decay"],
-                  t.config["label_smoothing"], t.config["epochs"], f"{t.seconds:.1f}s"]
-                 for r, t in enumerate(trials)])
-    table = [{"rank": r + 1, "trial": t.index, "val_map3": t.map3, **t.config,
-              "hidden": "x".join(map(str, t.config["hidden"])), "seconds": t.seconds}
-             for r, t in enumerate(trials)]
-    results = {"best_trial": best.index, "val_map3": best.map3,
-               "sweep": [[t.index, t.map3, t.config] for t in trials]}
-    tables = {"history.csv": history, "sweep.csv": table}
-    return fit.Fitted([best_head], va, best_probs, results, tables, best.config)
+        try:
+            while len(finished(study)) + running(study) < args.sweep:
+                study.optimize(objective, n_trials=1, catch=(FloatingPointError,))
+                say_trial(study.trials[current["trial"].number])
+        except KeyboardInterrupt:  # the stopped trial (failed by Optuna) is run again by the rerun
+            if "trial" in current and current["trial"].number not in {
+                    t.number for t in finished(study) if t.state.name != "FAIL"}:
+                study.enqueue_trial(current["trial"].params,
+                                    user_attrs={"retry_of": current["trial"].number})
+            raise
+    return best_of(study, args, x, task, optuna)
 
 
-def sample_head_config(rng):
-    """One random head configuration for --sweep."""
-    return {"hidden": rng.choice([[256, 128], [512, 256], [1024, 512], [2048, 1024]]),
-            "dropout": rng.choice([0.0, 0.1, 0.2, 0.3, 0.5]), "lr": 10 ** rng.uniform(-4, -2.5),
-            "weight_decay": rng.choice([0.0, 1e-4, 1e-2, 0.1]),
-            "label_smoothing": rng.choice([0.0, 0.05, 0.1]), "epochs": rng.choice([10, 20, 30, 50])}
+def objective_of(args, x, task, optuna, current=None):
+    """The study's objective: a trial's configuration (suggest) trained and scored (fold_score),
+    each epoch's (or fold's) score reported to the pruner; current["trial"]: the trial running."""
+    def objective(trial):
+        if current is not None:
+            current["trial"] = trial
+        config = suggest(trial, args)
+        trial_args = argparse.Namespace(**{**vars(args), **config})
+        t0 = time.time()
+
+        def prune(step, score):
+            trial.report(score, step)
+            if trial.should_prune():
+                trial.set_user_attr("seconds", time.time() - t0)
+                raise optuna.TrialPruned()
+
+        score = fold_score(trial_args, x, task, prune)
+        trial.set_user_attr("seconds", time.time() - t0)
+        return score
+    return objective
+
+
+def running(study):
+    return sum(t.state.name == "RUNNING" for t in study.get_trials(deepcopy=False))
+
+
+def fold_score(args, x, task, report):
+    """The validation MAP@3 of a head configuration: of the split, or the mean over --folds K
+    (reported after each fold, so that a losing configuration is pruned before its last fold);
+    report(step, score) after each epoch of one split."""
+    if not args.folds:
+        _, best = train_head(x[task.tr], task.y[task.tr], x[task.va], task.y[task.va], task.labels,
+                             args, on_epoch=lambda epoch, val: report(epoch, val.map3))
+        return best.scores.map3
+    fold, scores = torch.tensor(kfold(task.truth, args.folds, task.groups, args.seed)), []
+    n = len(task.y)
+    for k in range(args.folds):
+        tr, va = (fold != k).nonzero().flatten(), (fold == k).nonzero().flatten()
+        xk = x if len(x) == n else x[k * n:(k + 1) * n]  # --map-correct: the fold's own texts
+        _, best = train_head(xk[tr], task.y[tr], xk[va], task.y[va], task.labels, args)
+        scores.append(best.scores.map3)
+        report(k, sum(scores) / len(scores))
+    return sum(scores) / len(scores)
+
+
+def say_trial(t):
+    what = {"COMPLETE": f"val MAP@3 {t.value:.4f}" if t.value is not None else "",
+            "PRUNED": f"pruned at step {t.last_step}", "FAIL": "failed (NaN or Inf)"}
+    log(f"trial {t.number:3d}: {what.get(t.state.name, t.state.name.lower())}  "
+        f"{json.dumps(t.params)}  {t.user_attrs.get('seconds', 0):.1f}s")
+
+
+def best_of(study, args, x, task, optuna):
+    """The study's table (every trial, pruned and failed ones marked), its parameter importances,
+    and the best configuration trained again: the head (or K heads) the run keeps."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.name != "RUNNING"]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if not complete:
+        raise FloatingPointError(f"no sweep trial finished with a score ({len(trials)} pruned or "
+                                 f"failed)")
+    best = max(complete, key=lambda t: (t.value, -t.number))
+    table = [{"trial": t.number, "state": t.state.name.lower(), "val_map3": t.value,
+              "last_step": t.last_step, "seconds": t.user_attrs.get("seconds"), **t.params}
+             for t in sorted(trials, key=lambda t: t.number)]
+    importances = {}
+    if len(complete) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError) as e:  # e.g. a single distinct configuration
+            log(f"sweep: no parameter importances ({e})")
+    if importances:
+        log("sweep: parameter importances (Optuna's default evaluator): " + ", ".join(
+            f"{name} {value:.2f}" for name, value in importances.items()))
+    log(f"sweep: best trial {best.number}, val MAP@3 {best.value:.4f}, {json.dumps(best.params)}; "
+        f"{sum(t.state.name == 'PRUNED' for t in trials)} of {len(trials)} trials pruned")
+    config = {**suggest(optuna.trial.FixedTrial(best.params), args)}
+    winner = argparse.Namespace(**{**vars(args), **config})
+    if args.folds:
+        heads, probs, res, tables = fit.cross_validate(winner, x, task, quiet=True)
+        val_idx = torch.arange(len(task.y))
+    else:
+        head, found = train_head(x[task.tr], task.y[task.tr], x[task.va], task.y[task.va],
+                                 task.labels, winner)
+        heads, probs, val_idx = [head], found.scores.probs, task.va
+        res, tables = fit.best_results(found), {"history.csv": found.history}
+    results = {**res, "best_trial": best.number, "study": study.study_name,
+               "sweep": [[t["trial"], t["val_map3"], t["state"]] for t in table],
+               "importances": importances}
+    tables = {**tables, "sweep.csv": table,
+              "importances.csv": [{"param": k, "importance": v} for k, v in importances.items()]}
+    return fit.Fitted(heads, val_idx, probs, results, tables, config)
 
 
 # ----------------------------------------------------------------------------- the layer sweep
@@ -219,6 +392,8 @@ def layer_sweep(args, spec, options, data, task, results):
                      {"args.json": json.dumps(vars(args), indent=2),
                       "results.json": json.dumps(results, indent=2)})
         log(f"wrote {args.out}/ (layer_sweep.csv, history.csv, args.json, results.json)")
+    else:
+        log(train.NOT_SAVED)
     return results
 
 

@@ -38,6 +38,9 @@ from qwen_embed import POOLINGS, Qwen3Config
 
 # ---------------------------------------------------------------------------------------- the run
 
+NOT_SAVED = ("no --out: nothing was saved but the vectors, in the cache (--cache-dir); --out DIR "
+             "keeps the checkpoint, the tables and the per-epoch history")
+
 
 def main(args, log=print):
     """Train as the flags say -> the results meta.json keeps; log: where the run's lines go."""
@@ -50,15 +53,12 @@ def main(args, log=print):
         if args.sweep or args.layer_sweep or args.compare_pooling or args.lora_rank:
             import research  # the research modes build on this file, never the reverse
             return research.run(args, spec, options, data, task, results)
-        stored = cache_vectors(args, spec, options, data)
-        if stored is None:  # a torchrun rank other than 0, whose work ends here
+        found = load_vectors(args, spec, options, data)
+        if found is None:  # a torchrun rank other than 0, whose work ends here
             return None
-        vectors = stored[args.pooling, args.layer]
-        fitted = (fit_folds if args.folds else fit_one)(args, vectors.load(), task)
-        # the spec as the run decided it (dtype, weights), and the fidelity measured when its
-        # vectors were computed (by this run or an earlier one)
-        return finish(args, data, task, fitted, results, vectors.spec,
-                      Measured(vectors.model_identity, vectors.cache.info().get("fidelity")))
+        x, spec, measured = found
+        fitted = (fit_folds if args.folds else fit_one)(args, x, task)
+        return finish(args, data, task, fitted, results, spec, measured)
 
 
 def finish(args, data, task, fitted, results, spec, measured):
@@ -68,12 +68,11 @@ def finish(args, data, task, fitted, results, spec, measured):
     if args.out:
         rows = RowsSpec(data.template, args.label_cols.split(","), args.id_col,
                         data.correct_answers)
-        embedding = {**dataclasses.asdict(spec), **dataclasses.asdict(rows),
+        embedding = {**(dataclasses.asdict(spec) if spec else {}), **dataclasses.asdict(rows),
                      **dataclasses.asdict(measured)}
         save_run(args, data, task.labels, fitted, results, embedding)
-    elif args.folds:
-        log("no --out: the tables and per-epoch history of this run are printed, not saved (--out "
-            "DIR keeps them as CSV)")
+    else:
+        log(NOT_SAVED)
     return results
 
 
@@ -107,6 +106,20 @@ def check_flags(args):
     check_head_memory(args)
     if args.out:
         check_out(args.out)
+    if args.vectors:  # no model runs: what would embed or shape a vector cannot apply
+        modes = [flag for flag, on in (("--lora-rank", args.lora_rank), ("--layer-sweep",
+                 args.layer_sweep), ("--compare-pooling", args.compare_pooling), ("--map-correct",
+                 args.map_correct), ("--save-vectors", args.save_vectors)) if on]
+        if modes:
+            raise ValueError(f"--vectors gives the vectors: {', '.join(modes)} needs the model to "
+                             f"embed the texts; drop it")
+        cli.refuse_given(args, EMBEDDING_FLAGS - {"device", "quiet", "cache_dir"}, "--vectors",
+                         "has no model to use")
+    if args.save_vectors:
+        check_out(args.save_vectors, "--save-vectors", kind="file", owned=embed_cache.ours_file)
+        if args.map_correct and args.folds:
+            raise ValueError("--save-vectors writes one vector per row: --map-correct with --folds "
+                             "embeds each row once per fold; drop one")
     import research
     research.check_flags(args)
     return spec, options
@@ -229,6 +242,30 @@ def answer_rows(args, data, task):
     return data._replace(texts=texts, correct_answers=correct)
 
 
+def load_vectors(args, spec, options, data):
+    """The rows' vectors -> (x, the spec as the run decided it or None, Measured), or None on a
+    torchrun rank other than 0: from --vectors FILE (any embedder's; what made them recorded), or
+    embedded through the cache (the decided dtype and weights, the model's content, the fidelity
+    measured when they were computed), then written to --save-vectors FILE if asked."""
+    ids = [row[args.id_col] for row in data.rows]
+    if args.vectors:
+        x, made = embed_cache.read_vectors(args.vectors, ids)
+        log(f"vectors: {tuple(x.shape)} from {args.vectors} ({made['embedder']}, "
+            f"{made['settings'].get('model', 'model unnamed')})")
+        return x, None, Measured(vectors_from=made)
+    stored = cache_vectors(args, spec, options, data)
+    if stored is None:
+        return None
+    vectors = stored[args.pooling, args.layer]
+    measured = Measured(vectors.model_identity, vectors.cache.info().get("fidelity"))
+    x = vectors.load()
+    if args.save_vectors:
+        embed_cache.write_vectors(args.save_vectors, ids, x,
+                                  embed_cache.made_by(vectors.spec, vectors.model_identity))
+        log(f"wrote {args.save_vectors} ({len(ids)} vectors)")
+    return x, vectors.spec, measured
+
+
 def cache_vectors(args, spec, options, data, poolings=None, layers=None):
     """{(pooling, layer): embed_cache.Vectors} for the rows' texts, in one forward pass for all of
     them where any is missing; None on a torchrun rank other than 0."""
@@ -323,6 +360,12 @@ def parse_args(argv=None):
     d.add_argument("--map-correct", action="store_true", help="MAP format only: add the column "
                    "AnswerIsCorrect (yes/no: is MC_Answer the answer most chosen by True_ rows of "
                    "its question?) to the template")
+    d.add_argument("--vectors", default=None, help="train on the vectors of this file (any "
+                   "embedder's: tools/st_vectors.py, --save-vectors), its ids matched to --id-col; "
+                   "None: embed the texts")
+    d.add_argument("--save-vectors", default=None, help="also write the vectors this run embeds "
+                   "to this file (ids and what made them included), for other tools or --vectors; "
+                   "None: only the cache keeps them")
     e = p.add_argument_group("embedding")
     e.add_argument("--model", default="Qwen/Qwen3-Embedding-0.6B",
                    help="Hub repo id or local checkpoint folder")
@@ -345,8 +388,13 @@ def parse_args(argv=None):
                    "(T4, V100), else float32. float16 is always guarded: matmuls in float16 on "
                    "inputs scaled into range, everything between them in float32")
     cli.add_flags(e)
+    EMBEDDING_FLAGS.update(a.dest for a in e._group_actions)
     add_head_flags(p)
     return cli.parse_given(p, argv)
+
+
+EMBEDDING_FLAGS = set()  # the embedding group's flags, filled from the parser: --vectors skips them
+HEAD_FLAGS = set()  # the head and training group's: a --sweep study is named by their values
 
 
 def add_head_flags(p):
@@ -373,6 +421,7 @@ def add_head_flags(p):
                    help="where the head trains: cpu, cuda, ...; None: the embedding device")
     h.add_argument("--out", default=None,
                    help="checkpoint folder to write; None: nothing is written")
+    HEAD_FLAGS.update(a.dest for a in h._group_actions)
     import research  # the research modes' flags are theirs
     research.add_flags(p)
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import random
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from qwen_embed import POOLINGS, Qwen3Config, resolve_model_dir
 MIB = 1 << 20
 COMPACT_AT = 8  # chunk files in one cache folder before they are merged into one
 FIDELITY_WARN = 0.99  # min cosine against as shipped under which a quantized run warns
+HEARTBEAT_SECONDS = 60  # a phase this long says how far it got, once per this many seconds
 PENDING_BYTES = 256 * MIB  # vectors held before a write, at most: 215 texts x 76 specs of 4096-d
 
 
@@ -113,6 +115,7 @@ class Measured:
     """What a run found out about its vectors, recorded beside the spec in a checkpoint."""
     model_identity: str | None = None  # fingerprint.model_identity: every byte of the checkpoint
     fidelity: dict | None = None  # measure_fidelity's figures with int8 or int4 weights
+    vectors_from: dict | None = None  # a head trained on a vectors file: what made them (below)
 
 
 @dataclass(frozen=True)
@@ -181,13 +184,15 @@ def ensure_cached(texts, spec, run=RunOptions(), *, poolings=None, layers=None, 
     caches = {(p, k): Cache(run.cache_dir, replace(spec, pooling=p, layer=k).key(checkpoint),
                             content) for p in poolings for k in dict.fromkeys(keys)}
     text_key = [bytes(k) for k in text_keys(texts).numpy()]
-    todo, n_missing = missing(caches.values(), text_key, dim)
+    todo = missing(caches.values(), text_key, dim)
     say_code(caches.values(), todo, log)
     torchrun.barrier(world)  # every rank has read the same cache before any rank writes to it
     if not todo:
         log(f"embeddings: all {len(texts)} vectors found in the cache, no forward pass")
     else:
-        log(f"embeddings: {len(texts) - n_missing} cached, computing {len(todo)} with {spec.model} "
+        distinct = len(set(text_key))  # both counts in distinct texts: they add up to it
+        log(f"embeddings: {len(texts)} rows, {distinct} distinct texts: {distinct - len(todo)} "
+            f"cached, computing {len(todo)} with {spec.model} "
             f"on {device} in {spec.dtype}" + (f", {world} processes" if world > 1 else ""))
         say_size(len(todo), len(texts), len(caches), dim, run.cache_dir, model_bytes, log)
         log(why)
@@ -255,8 +260,8 @@ def decide(spec, run, folder, config, device, keys):
 
 
 def missing(caches, text_key, dim):
-    """(first row of each distinct text that some cache lacks, rows lacking). One cache's key set
-    is held at a time."""
+    """The first row of each distinct text that some cache lacks. One cache's key set is held at
+    a time."""
     lacking = set()
     for cache in caches:
         present = cache.present(dim)
@@ -264,7 +269,7 @@ def missing(caches, text_key, dim):
     first = {}
     for i in sorted(lacking):
         first.setdefault(text_key[i], i)
-    return list(first.values()), len(lacking)
+    return list(first.values())
 
 
 def say_size(n_todo, n_texts, n_specs, dim, cache_dir, model_bytes, log):
@@ -306,8 +311,9 @@ def compute(embedder, texts, keys, caches, spec, run, rows_of, log):
     writer = ChunkWriter(caches, rows, dim, run.chunk_size, run.chunk_seconds)
     sample = fidelity_sample(len(mine), run.fidelity_texts * (spec.weights != "none"))
     wanted, first, kept = set(sample), next(iter(caches)), {}  # of the first (pooling, layer)
-    t0 = time.time()
-    with tqdm(total=len(mine), desc="embedding", unit="text", disable=not run.progress) as bar:
+    t0, done = time.time(), [0]  # done: counted here, as a disabled bar (--quiet) counts nothing
+    with tqdm(total=len(mine), desc="embedding", unit="text", disable=not run.progress) as bar, \
+            heartbeat("embedding", len(mine), lambda: done[0], bar.write if run.progress else log):
         with saved_on_error(writer, texts, mine, rows_of, len(caches) * dim):
             for batch, vectors in embedder.stream([tokens[j] for j in mine], list(caches), spec.dim,
                                                   True, run.batch_size, run.max_batch_tokens,
@@ -315,6 +321,7 @@ def compute(embedder, texts, keys, caches, spec, run, rows_of, log):
                 writer.add(batch, vectors)
                 kept.update({i: vectors[first][j] for j, i in enumerate(batch) if i in wanted})
                 bar.update(len(batch))
+                done[0] += len(batch)
     if world > 1:
         mine_tokens = sum(len(tokens[j]) for j in mine)
         every = torchrun.gather((rank, len(mine), mine_tokens, time.time() - t0), world)
@@ -325,6 +332,26 @@ def compute(embedder, texts, keys, caches, spec, run, rows_of, log):
     return measure_fidelity(embedder, [texts[mine[i]] for i in sample],
                             replace(spec, pooling=first[0], layer=first[1]), log,
                             torch.stack([kept[i] for i in sample]))
+
+
+@contextlib.contextmanager
+def heartbeat(what, total, done, log):
+    """One line every HEARTBEAT_SECONDS (read now, not when the module was imported) while the block
+    runs: what, done() of total texts, the minutes so far. From a thread, so that a first batch
+    that compiles for minutes says so too, and under --quiet, where no bar is drawn."""
+    every, stop, t0 = HEARTBEAT_SECONDS, threading.Event(), time.monotonic()
+
+    def beat():
+        while not stop.wait(every):
+            log(f"{what}: {done()} of {total} texts after {(time.monotonic() - t0) / 60:.1f} min")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager
@@ -586,11 +613,14 @@ class Cache:
             self.note({"code": {**known, self.code: self.functions}})
         return path
 
-    def compact(self, dim, max_files=COMPACT_AT):
+    def compact(self, dim, max_files=None):
         """Merge the chunk files into one once there are more than max_files, so that many small
         (time-limited) chunks never slow a later load. Safe against a kill: the merged file is in
         place before any chunk is deleted, and duplicates are harmless. Safe against another run
-        on the same cache: only files whose vectors are in the merged file are deleted."""
+        on the same cache: only files whose vectors are in the merged file are deleted.
+        max_files None: COMPACT_AT, read at the call (a default bound when the module is imported
+        would ignore a changed COMPACT_AT)."""
+        max_files = COMPACT_AT if max_files is None else max_files
         files = list(self.files())
         if len(files) <= max_files:
             return
@@ -650,4 +680,83 @@ class ChunkWriter:
             self.pending.clear()
         self.last = time.monotonic()
 
+
+# ----------------------------------------------------------------------------- vectors in a file
+
+OURS = "qwen3-mlp"  # the embedder name this project writes in a vectors file
+
+
+def made_by(spec, model_identity):
+    """What shapes this project's vectors, as a vectors file records it: the decided spec and the
+    content of the model."""
+    return {"embedder": OURS, "settings": {**dataclasses.asdict(spec), "normalize": True,
+                                           "model_identity": model_identity}}
+
+
+def embedder_differences(a, b):
+    """How two made_by records differ, as "name: a's value vs b's value" ([] when they name the
+    same vectors: the same embedder and settings; the model's name may differ where both record
+    the same content, a moved or copied model)."""
+    def flat(record):
+        settings = dict(record["settings"])
+        if settings.get("model_identity"):
+            settings.pop("model", None)
+        return {"embedder": record["embedder"], **settings}
+    a, b = flat(a), flat(b)
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
+
+
+def ours_file(path):
+    """Whether a file is a vectors file (so that --save-vectors may replace it)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {"ids", "embedder", "settings"} <= (f.metadata() or {}).keys()
+    except Exception:
+        return False
+
+
+def write_vectors(path, ids, vectors, record):
+    """A vectors file: a safetensors file holding "vectors", (rows, dim) float32, with the row ids
+    (safetensors holds no strings: a JSON list in its metadata) and what made them (record:
+    {"embedder": a name, "settings": what shapes a vector, e.g. model, model_identity, pooling,
+    normalize, instruction}), so that a head trained on them can be checked against them later."""
+    meta = {"ids": json.dumps([str(i) for i in ids]), "embedder": record["embedder"],
+            "settings": json.dumps(record["settings"], sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file({"vectors": vectors.float().contiguous()}, str(tmp), meta)
+
+
+def read_vectors(path, ids):
+    """(len(ids), dim) float32 whose row i is the vector of id ids[i], and the file's made_by
+    record. Extra ids in the file are fine; a file that is not a vectors file, an id it lacks, a
+    repeated id, NaN or Inf are one line."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, names = f.metadata() or {}, set(f.keys())
+            vectors = f.get_tensor("vectors") if "vectors" in names else None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--vectors {path}: no such file") from None
+    except Exception as e:
+        raise ValueError(f"--vectors {path}: not a safetensors file ({str(e).splitlines()[0]})") \
+            from None
+    if vectors is None or vectors.ndim != 2 or not vectors.is_floating_point() or \
+            not {"ids", "embedder", "settings"} <= meta.keys():
+        raise ValueError(f"--vectors {path}: not a vectors file (a (rows, dim) float tensor "
+                         f"'vectors' with 'ids', 'embedder' and 'settings' metadata; "
+                         f"tools/st_vectors.py writes one)")
+    file_ids = json.loads(meta["ids"])
+    if len(file_ids) != len(vectors) or len(set(file_ids)) != len(file_ids):
+        raise ValueError(f"--vectors {path}: {len(file_ids)} ids for {len(vectors)} rows, or an id "
+                         f"repeated")
+    row = {i: r for r, i in enumerate(file_ids)}
+    lacking = [i for i in ids if str(i) not in row]
+    if lacking:
+        raise ValueError(f"--vectors {path}: lacks {len(lacking)} of the {len(ids)} ids, e.g. "
+                         f"{lacking[:5]}")
+    x = vectors[[row[str(i)] for i in ids]].float()
+    bad = [ids[r] for r in (~torch.isfinite(x).all(1)).nonzero().flatten().tolist()]
+    if bad:
+        raise FloatingPointError(f"--vectors {path}: NaN or Inf in the vectors of ids {bad[:10]}")
+    return x, {"embedder": meta["embedder"], "settings": json.loads(meta["settings"])}
 

@@ -1,12 +1,21 @@
-"""The docs point at real code: HOW_IT_WORKS.md's symbols and the README's flags."""
+"""The docs are exactly true where a test can check them: HOW_IT_WORKS.md's symbols, the flags
+they show, every relative link, and every command they show (run here, or skipped with its
+reason)."""
 
 import ast
+import contextlib
+import io
 import os
 import re
+import runpy
+import shlex
+import shutil
 import subprocess
 import sys
 
-from helpers import ROOT, parser_actions
+import pytest
+
+from helpers import ROOT, parser_actions, write_csv
 
 
 def definitions(file):
@@ -136,3 +145,131 @@ def test_how_it_works_reads_the_core_top_to_bottom():
     first = [section_of[m.split(".")[0]] for chunk in part_one.split("\n## ")[1:]
              for m in re.findall(r"\[([\w.]+)\]\(qwen_embed\.py\)", chunk)[:1]]
     assert len(first) == 7 and first == sorted(first), first
+
+
+DOCS = [ROOT / "README.md", ROOT / "HOW_IT_WORKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def slug(heading):
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_resolves_to_a_file_and_its_heading():
+    checked = 0
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"\w+://|mailto:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            assert file.exists(), f"{doc.name}: a link to {target}, which does not exist"
+            if anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
+                assert anchor in {slug(h) for h in headings}, f"{doc.name}: no heading #{anchor}"
+            checked += 1
+    assert checked > 20
+
+
+def commands(text):
+    """The commands a document shows: lines of ```bash blocks and of indented blocks that start
+    with a program, continuation lines joined, comments dropped."""
+    blocks = [m[1] for m in re.finditer(r"^```(?:bash|sh|)\n(.*?)^```", text, re.S | re.M)]
+    blocks += [re.sub(r"^    ", "", m[0], flags=re.M)
+               for m in re.finditer(r"(?:^    \S.*\n)+", text, re.M)]
+    found = []
+    for block in blocks:
+        for line in re.sub(r"\\\n\s*", "", block).splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if re.match(r"(!|%|python |torchrun |pip |jupyter )", line):
+                found.append(line)
+    return list(dict.fromkeys(found))  # an indented block inside a fence is found twice
+
+
+# Commands the docs show that no test runs here, each with its reason.
+NOT_RUN = {
+    r"^python -m venv|^pip install": "installs packages: .ci/run does exactly this in CI",
+    r"^python -m pytest": "the test suite itself",
+    r"jupyter lab": "opens a front end; tests/test_notebook.py executes the notebook",
+    r"^torchrun --n": "8 processes or 2 nodes: tests/test_distributed.py runs torchrun with 2 "
+                      "processes on the CPU",
+    r"^!|^%": "a Kaggle notebook's paths and GPUs",
+    r"--device cuda": "a GPU",
+}
+# What a command runs on here: a tiny checkpoint for every model, small CSVs, fewer sweep trials.
+SHRINK = [(r"Qwen/Qwen3-[\w.-]+|sentence-transformers/[\w.-]+|google/embeddinggemma-[\w.-]+",
+           "{tiny}"), (r"(?<![\w/])train\.csv", "{data}/train.csv"),
+          (r"(?<![\w/])test\.csv", "{data}/test.csv"), (r"--sweep \d+", "--sweep 3"),
+          (r" --shape [\w.]+ --layers \d+ --dtype bfloat16", ""),
+          (r" --tokenizer QWEN/tokenizer\.json", ""), (r"(?<![\w/])MAP\.csv", "{data}/train.csv")]
+
+
+def run_here(command, cwd, monkeypatch):
+    """A `python script.py args` command, run in this process (no interpreter start-up per
+    command) from cwd, as its command line would: -> (exit status, what it printed to stderr)."""
+    words = shlex.split(command)
+    assert words[0] == "python" and words[1].endswith(".py"), command
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", words[1:])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(cwd / words[1]), run_name="__main__")
+    except SystemExit as e:
+        return (e.code if isinstance(e.code, int) else 1 if e.code else 0), err.getvalue() + str(
+            e.code or "")
+    return 0, err.getvalue()
+
+
+@pytest.mark.slow
+def test_every_command_the_docs_show_runs_here_or_says_why_not(tmp_path, tiny, monkeypatch):
+    """Each command of the README, the guide, HOW_IT_WORKS and the measurements runs, in the order
+    shown, in a copy of the project, on a tiny checkpoint and small CSVs (SHRINK), or matches a
+    NOT_RUN entry that says why it cannot run here."""
+    copy = tmp_path / "project"
+    for part in ("at_scale", "tools", "data"):
+        shutil.copytree(ROOT / part, copy / part)
+    for file in ROOT.glob("*.py"):
+        shutil.copy(file, copy)
+    (tmp_path / "csv").mkdir()
+    write_csv(tmp_path / "csv" / "train.csv", n=48)
+    write_csv(tmp_path / "csv" / "test.csv", n=12, seed=1)
+    ran, skipped = [], []
+    for doc in DOCS:
+        for command in commands(doc.read_text()):
+            reason = next((why for pattern, why in NOT_RUN.items() if re.search(pattern, command)),
+                          None)
+            if reason:
+                skipped.append((command, reason))
+                continue
+            for pattern, value in SHRINK:
+                command = re.sub(pattern, value.format(tiny=tiny, data=tmp_path / "csv"), command)
+            code, err = run_here(command + " --quiet" * ("train.py" in command), copy,
+                                 monkeypatch)
+            assert code == 0, f"{doc.name}: {command}\n{err[-2000:]}"
+            ran.append(command)
+    print(f"{len(ran)} commands run, {len(skipped)} not run here:")
+    for command, reason in skipped:
+        print(f"  {command[:60]}: {reason}")
+    assert len(ran) >= 20 and all(reason for _, reason in skipped)
+
+
+def test_the_readme_first_run_works_offline(tmp_path):
+    """The README's offline first run, pasted into a fresh copy of the project: a random checkpoint,
+    then a checkpoint trained on the example data; no network."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"A first run, offline.*?```bash\n(.*?)```", readme, re.S)[1]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("python tools/random_checkpoint.py")
+    copy = tmp_path / "project"
+    for part in ("at_scale", "tools", "data"):
+        shutil.copytree(ROOT / part, copy / part)
+    for file in ROOT.glob("*.py"):
+        shutil.copy(file, copy)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for line in lines:
+        done = subprocess.run(line, shell=True, cwd=copy, capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
+    assert (copy / "runs" / "first" / "meta.json").is_file() and "wrote runs/first/" in done.stdout

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -238,17 +239,16 @@ def test_one_loss_builder_for_every_way_of_training(tmp_path, run, monkeypatch):
     assert len(built) == 1 + 2 + 1  # one split, two folds, LoRA
 
 
-@pytest.mark.parametrize("mode, flag", [
-    (["--sweep", "2"], ["--hidden", "1024", "512"]),  # at its default value, still refused
-    (["--sweep", "2"], ["--lr", "0.01"]),
-    (["--layer-sweep"], ["--layer", "1"]),
-    (["--compare-pooling"], ["--pooling", "mean"]),
+@pytest.mark.parametrize("mode, flag", [  # (a head flag with --sweep fixes that option instead)
+    (["--layer-sweep"], ["--layer", "-1"]),
+    (["--layer-sweep"], ["--save-vectors", "v.safetensors"]),
+    (["--compare-pooling"], ["--pooling", "last"]),  # at its default value, still refused
     (["--lora-rank", "2"], ["--no-compile"]),
     ([], ["--lora-alpha", "8"]),
     (["--folds", "2"], ["--val-frac", "0.2"]),
 ])
 def test_a_flag_the_mode_ignores_or_sets_is_refused_naming_the_mode(run, mode, flag, monkeypatch):
-    argv = [a for a in run if a not in ("--hidden", "8")] if "--hidden" in flag else run
+    argv = run
     calls = count_forward_passes(monkeypatch)
     message = cli_error(train, argv + mode + flag)
     assert flag[0] in message and (mode[0] if mode else "without --lora-rank") in message
@@ -330,3 +330,25 @@ def test_a_cache_spec_file_with_a_key_no_version_wrote_is_refused(tmp_path, run)
     (spec_file,) = (tmp_path / "cache").glob("*/spec.json")
     spec_file.write_text(json.dumps({**json.loads(spec_file.read_text()), "temperature": 0.5}))
     assert "records ['temperature'], which this version" in cli_error(train, run)
+
+
+def test_a_long_embedding_says_how_far_it_got_once_per_interval_under_quiet(tmp_path, tiny,
+                                                                             monkeypatch):
+    """--quiet draws no bar: a phase over HEARTBEAT_SECONDS still says n of N, once per interval
+    (the interval is read when the phase starts, so this patch is not in vain)."""
+    monkeypatch.setattr(embed_cache, "HEARTBEAT_SECONDS", 0.2)
+    slow = embed_cache.Embedder.stream
+
+    def stream(self, *a, **k):  # a slow machine: 0.1 s a batch
+        for batch in slow(self, *a, **k):
+            time.sleep(0.1)
+            yield batch
+    monkeypatch.setattr(embed_cache.Embedder, "stream", stream)
+    said = []
+    t0 = time.monotonic()
+    embed_cache.embed([f"text {i}" for i in range(40)], str(tiny), cache_dir=tmp_path, batch_size=4,
+                      progress=False, log=said.append, device="cpu", dtype="float32")
+    beats = [int(line.split()[1]) for line in said
+             if line.startswith("embedding: ") and " of 40 texts after " in line]
+    assert 2 <= len(beats) <= (time.monotonic() - t0) / 0.2 + 1
+    assert beats == sorted(beats) and 0 < beats[-1] <= 40  # n of N, as far as it got

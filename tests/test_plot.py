@@ -88,3 +88,10 @@ def test_a_figure_replaces_only_a_figure_plot_drew(runs, tmp_path, suffix):
     with pytest.raises(ValueError, match="is a file this program did not write"):
         draw(runs, tmp_path, ["one"], out=f"mine.{suffix}")
     assert (tmp_path / f"mine.{suffix}").read_bytes() == b"a figure someone else made"
+
+
+def test_a_study_by_trial_with_its_importances(runs, tmp_path):
+    fig = draw(runs, tmp_path, ["sweep"], "--kind", "study")
+    by_trial, importance = fig.axes
+    assert len(by_trial.collections[0].get_offsets()) >= 1  # the scored trials
+    assert len(importance.patches) == len(plot.read_run(runs / "sweep")["tables"]["importances.csv"])

@@ -164,6 +164,7 @@ def test_killed_run_resumes_with_fewer_forward_passes(tmp_path, tiny):
                                 progress=False, log=logs.append)[None]
     cached, computed = embedded(logs[0])
     assert n_chunks >= 3 and computed == distinct - len(done) > 0  # only what the killed runs lacked
+    assert cached + computed == distinct and f"{len(texts)} rows, {distinct} distinct texts" in logs[0]
     fresh = embed_cache.embed(texts, str(tiny), max_length=512, cache_dir=tmp_path / "fresh", progress=False, **PINNED_KW,
                               log=lambda *_: None)[None]
     assert torch.allclose(resumed, fresh, atol=1e-5)
@@ -263,25 +264,37 @@ def test_no_pickle_and_no_remote_code_in_the_product():
 
 PRODUCT = ["qwen_embed.py", "mlp_head.py", "train.py", "evaluate.py", "research.py", "fit.py", "cli.py", "data.py",
            "at_scale/weights.py", "at_scale/runtime.py", "at_scale/embed_cache.py", "at_scale/embedder.py",
-           "at_scale/lora.py", "at_scale/torchrun.py", "tools/random_checkpoint.py"]  # tools/plot.py: a dev tool
+           "at_scale/lora.py", "at_scale/torchrun.py", "at_scale/fingerprint.py",
+           "tools/random_checkpoint.py"]  # tools/plot.py, tools/st_vectors.py: dev tools
 
 
 def test_requirements_list_every_package_the_product_imports():
     """Every import of the product that is neither the standard library nor one of its own files is
     a package of requirements.txt (by its import name), and the product imports no test reference."""
     local = {f.stem for f in ROOT.glob("*.py")} | {"at_scale", "tools"}
-    imported = set()
+    imported, where = set(), {}  # where: package -> (file, imported at the top level?)
     for name in PRODUCT:
-        for node in ast.walk(ast.parse((ROOT / name).read_text())):
+        tree = ast.parse((ROOT / name).read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                imported.update(a.name.split(".")[0] for a in node.names)
+                found = [a.name.split(".")[0] for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                imported.add(node.module.split(".")[0])
+                found = [node.module.split(".")[0]]
+            else:
+                continue
+            imported.update(found)
+            where.update({package: (name, id(node) in top) for package in found})
     third_party = imported - set(sys.stdlib_module_names) - local
-    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    text = (ROOT / "requirements.txt").read_text()
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
     required = {re.split(r"[<>=!~ \[]", line)[0].lower().replace("-", "_") for line in lines if line}
+    optional = dict(re.findall(r"^#\s+optional (\w+)\S* in (\S+\.py)", text, re.M))
+    assert optional == {"optuna": "research.py"}
+    for package, file in optional.items():  # only there, and inside a function
+        assert where[package] == (file, False), (package, where[package])
     # numpy is never imported by name: torch needs it for Tensor.numpy(), which the cache calls.
-    assert third_party | {"numpy"} == required, (sorted(third_party), sorted(required))
+    assert third_party | {"numpy"} == required | optional.keys(), (sorted(third_party), sorted(required))
     assert not third_party & {"transformers", "sentence_transformers", "peft", "matplotlib"}
 
 

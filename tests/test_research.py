@@ -56,14 +56,18 @@ def test_head_sweep_ranks_and_saves_the_best(tmp_path, base):
     base = without(base, "--epochs", "--hidden")
     res = train.main(train.parse_args(base + ["--sweep", "5", "--out", str(tmp_path / "best")]),
                      log=lambda *_: None)
-    scores = [s for _, s, _ in res["sweep"]]
-    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
-    best_trial, best_score, best_config = res["sweep"][0]
-    assert res["best_trial"] == best_trial and res["val_map3"] == best_score
+    assert [t for t, _, _ in res["sweep"]] == list(range(5))
+    best_trial, best_score = max(((t, m) for t, m, state in res["sweep"] if state == "complete"),
+                                 key=lambda tm: (tm[1], -tm[0]))
+    assert res["best_trial"] == best_trial and res["val_map3"] == best_score  # trained again: equal
     heads, meta = load_checkpoint(tmp_path / "best")
-    assert meta["head"]["hidden"] == best_config["hidden"] and meta["head"]["dropout"] == best_config["dropout"]
-    assert json.loads((tmp_path / "best" / "args.json").read_text())["lr"] == best_config["lr"]
-    again = train.main(train.parse_args(base + ["--sweep", "5"]), log=lambda *_: None)
+    row = next(r for r in read_rows(tmp_path / "best" / "sweep.csv") if int(r["trial"]) == best_trial)
+    assert meta["head"]["hidden"] == [int(h) for h in row["hidden"].split("x")]
+    assert meta["head"]["dropout"] == float(row["dropout"])
+    assert json.loads((tmp_path / "best" / "args.json").read_text())["lr"] == float(row["lr"])
+    other = f"sqlite:///{tmp_path / 'other.db'}"  # a fresh study, the same seed
+    again = train.main(train.parse_args(base + ["--sweep", "5", "--sweep-storage", other]),
+                       log=lambda *_: None)
     assert again["sweep"] == res["sweep"]  # fixed seed: the same trials, the same scores
 
 
@@ -155,14 +159,14 @@ def test_sweep_and_layer_sweep_tables_round_trip(tmp_path, base):
     sweep_base = without(base, "--epochs", "--hidden")
     logs = []
     res = train.main(train.parse_args(sweep_base + ["--sweep", "3"]), log=logs.append)
-    assert any(line.startswith("no --out: the tables and per-epoch history of this run are printed, not saved")
-               for line in logs)
+    assert logs[-1] == train.NOT_SAVED  # said last, where a reader looks for what the run left
     res = train.main(train.parse_args(sweep_base + ["--sweep", "3", "--out", str(tmp_path / "sweep")]),
                      log=lambda *_: None)
     sweep = read_rows(tmp_path / "sweep" / "sweep.csv")
-    assert [(int(r["trial"]), float(r["val_map3"])) for r in sweep] == [(t, m) for t, m, _ in res["sweep"]]
-    assert [r["hidden"] for r in sweep] == ["x".join(map(str, c["hidden"])) for _, _, c in res["sweep"]]
-    assert {r["trial"] for r in read_rows(tmp_path / "sweep" / "history.csv")} == {"0", "1", "2"}
+    assert [(int(r["trial"]), float(r["val_map3"]) if r["val_map3"] else None, r["state"])
+            for r in sweep] == [tuple(t) for t in res["sweep"]]
+    best = next(r for r in sweep if int(r["trial"]) == res["best_trial"])
+    assert len(read_rows(tmp_path / "sweep" / "history.csv")) == int(best["epochs"])  # its epochs
     res = train.main(train.parse_args(base + ["--layer-sweep", "--out", str(tmp_path / "layers")]),
                      log=lambda *_: None)
     table = read_rows(tmp_path / "layers" / "layer_sweep.csv")

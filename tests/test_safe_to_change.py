@@ -130,6 +130,7 @@ EDITS = [
 ]
 
 
+@pytest.mark.slow
 def test_vectors_follow_every_edit_to_the_code_they_reach_and_no_other(source, tmp_path, tiny):
     """Each class of edit, through the real cache: recomputed where it reaches a vector, reused
     where it cannot change one."""

@@ -4,9 +4,10 @@
     python tools/plot.py runs/a runs/b --out compare.png            # several runs overlaid, named by folder
     python tools/plot.py runs/layers --out layers.svg               # --layer-sweep: val MAP@3 by layer
     python tools/plot.py runs/sweep --out sweep.pdf                 # --sweep: val MAP@3 by each hyperparameter
+    python tools/plot.py runs/sweep --kind study --out study.png    # --sweep: score by trial, importances
 
 Reads only the CSV and JSON files a run writes (history.csv, layer_sweep.csv, sweep.csv,
-args.json), so a figure can be redrawn without the model or the vectors. The kind is chosen from
+importances.csv, args.json), so a figure can be redrawn without the model or the vectors. The kind is chosen from
 the files (--kind to force one); the format from --out's extension (png, svg, pdf). An existing
 --out is replaced only if plot.py drew it (its metadata says so). Needs
 matplotlib, a development requirement: the product never imports it.
@@ -25,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 from data import atomic_path, check_out  # noqa: E402
 
 MARK = "tools/plot.py of qwen3-mlp"  # in every figure's metadata: a file plot.py may replace
-KINDS = {"layers": "layer_sweep.csv", "sweep": "sweep.csv", "curves": "history.csv"}
+KINDS = {"layers": "layer_sweep.csv", "sweep": "sweep.csv", "study": "importances.csv",
+         "curves": "history.csv"}
 SWEPT = [("lr", "peak learning rate", True), ("dropout", "dropout", False), ("weight_decay", "weight decay", False),
          ("label_smoothing", "label smoothing", False), ("epochs", "epochs", False), ("hidden", "hidden sizes", False)]
 
@@ -115,8 +117,8 @@ def plot_sweep(fig, runs):
     for axis, (key, label, log_scale) in zip(axes, SWEPT):
         axis.set_xscale("log" if log_scale else "linear")  # first: setting a scale resets the ticks
         for i, run in enumerate(runs):
-            rows = run["tables"]["sweep.csv"]
-            values = [r[key] for r in rows]
+            rows = [r for r in run["tables"]["sweep.csv"] if r["val_map3"] and r.get(key)]
+            values = [r[key] for r in rows]  # scored trials (not pruned nor failed) that drew key
             if key == "hidden":  # categories, ordered by size
                 order = sorted(set(values), key=lambda v: [int(n) for n in v.split("x")])
                 x = [order.index(v) for v in values]
@@ -127,6 +129,35 @@ def plot_sweep(fig, runs):
         axis.set(xlabel=label, ylabel="validation MAP@3")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
+
+
+def plot_study(fig, runs):
+    """A --sweep study: each trial's validation MAP@3 by trial number (pruned and failed ones marked
+    at the bottom) with the best so far, and the parameters' importances."""
+    by_trial, importance = fig.subplots(1, 2)
+    for i, run in enumerate(runs):
+        rows = run["tables"]["sweep.csv"]
+        scored = [(int(r["trial"]), float(r["val_map3"])) for r in rows if r["val_map3"]]
+        by_trial.scatter(*zip(*scored), s=18, color=f"C{i}", label=run["name"])
+        best = [max(v for _, v in scored[:k + 1]) for k in range(len(scored))]
+        by_trial.step([t for t, _ in scored], best, where="post", color=f"C{i}", alpha=0.6)
+        low = min(v for _, v in scored)
+        for state, marker in (("pruned", "x"), ("fail", "v")):
+            trials = [int(r["trial"]) for r in rows if r["state"] == state]
+            if trials:
+                by_trial.scatter(trials, [low] * len(trials), marker=marker, color=f"C{i}",
+                                 label=f"{run['name']}: {state}")
+        found = run["tables"]["importances.csv"]
+        names = [r["param"] for r in found]
+        offset = (i - (len(runs) - 1) / 2) * 0.8 / len(runs)
+        importance.barh([k + offset for k in range(len(names))],
+                        [float(r["importance"]) for r in found], height=0.8 / len(runs),
+                        color=f"C{i}")
+        importance.set_yticks(range(len(names)), names, fontsize="small")
+    by_trial.set(xlabel="trial", ylabel="validation MAP@3 (line: best so far)")
+    importance.set(xlabel="importance (Optuna's evaluator)")
+    by_trial.grid(alpha=0.3)
+    by_trial.legend(fontsize="small")
 
 
 def main(args):
@@ -142,9 +173,10 @@ def main(args):
     if Path(args.out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ValueError(f"--out {args.out}: the figure's format comes from its extension: .png, .svg or .pdf")
     check_out(args.out, kind="file", owned=lambda path: MARK.encode() in path.read_bytes())
-    fig = plt.figure(figsize=(12, 7) if kind == "sweep" else (11, 4.5) if kind == "curves" else (8, 4.5),
+    fig = plt.figure(figsize=(12, 7) if kind == "sweep" else (11, 4.5) if kind in ("curves", "study") else (8, 4.5),
                      layout="constrained")
-    {"curves": plot_curves, "layers": plot_layers, "sweep": plot_sweep}[kind](fig, runs)
+    {"curves": plot_curves, "layers": plot_layers, "sweep": plot_sweep, "study": plot_study}[kind](
+        fig, runs)
     described = sorted({describe(r["args"]) for r in runs} - {""})
     fig.suptitle(" | ".join(described) if len(described) == 1 else ", ".join(r["name"] for r in runs))
     suffix = Path(args.out).suffix.lower()[1:]
@@ -161,7 +193,8 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", help="folders written by train.py --out")
     p.add_argument("--out", required=True, help="the figure: .png, .svg or .pdf")
     p.add_argument("--kind", choices=sorted(KINDS), default=None, help="what to draw; None: layers if every run "
-                   "has layer_sweep.csv, else sweep if every run has sweep.csv, else learning curves")
+                   "has layer_sweep.csv, else sweep if every run has sweep.csv, else learning curves; "
+                   "study: a --sweep's score by trial and its parameters' importances")
     p.add_argument("--dpi", type=int, default=120, help="resolution of a PNG")
     return p.parse_args(argv)
 
