@@ -117,8 +117,8 @@ def plot_sweep(fig, runs):
     for axis, (key, label, log_scale) in zip(axes, SWEPT):
         axis.set_xscale("log" if log_scale else "linear")  # first: setting a scale resets the ticks
         for i, run in enumerate(runs):
-            rows = [r for r in run["tables"]["sweep.csv"] if r["val_map3"] and r.get(key)]
-            values = [r[key] for r in rows]  # scored trials (not pruned nor failed) that drew key
+            rows = [r for r in run["tables"]["sweep.csv"] if complete(r) and r.get(key)]
+            values = [r[key] for r in rows]  # finished trials (not pruned nor failed) that drew key
             if key == "hidden":  # categories, ordered by size
                 order = sorted(set(values), key=lambda v: [int(n) for n in v.split("x")])
                 x = [order.index(v) for v in values]
@@ -131,13 +131,18 @@ def plot_sweep(fig, runs):
     axes[0].legend(fontsize="small")
 
 
+def complete(row):
+    """A sweep.csv row of a trial that ran to its end (sweeps of before studies: every row)."""
+    return row.get("state", "complete") == "complete" and bool(row["val_map3"])
+
+
 def plot_study(fig, runs):
     """A --sweep study: each trial's validation MAP@3 by trial number (pruned and failed ones marked
     at the bottom) with the best so far, and the parameters' importances."""
     by_trial, importance = fig.subplots(1, 2)
     for i, run in enumerate(runs):
         rows = run["tables"]["sweep.csv"]
-        scored = [(int(r["trial"]), float(r["val_map3"])) for r in rows if r["val_map3"]]
+        scored = [(int(r["trial"]), float(r["val_map3"])) for r in rows if complete(r)]
         by_trial.scatter(*zip(*scored), s=18, color=f"C{i}", label=run["name"])
         best = [max(v for _, v in scored[:k + 1]) for k in range(len(scored))]
         by_trial.step([t for t, _ in scored], best, where="post", color=f"C{i}", alpha=0.6)
