@@ -211,7 +211,10 @@ def run_here(command, cwd, monkeypatch):
     assert words[0] == "python" and words[1].endswith(".py"), command
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", words[1:])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # a tool puts its project first: undone after
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # plot.py's own default, undone after (a notebook
+    # kernel started later by the suite inherits the environment and would draw nothing inline)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
