@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -61,6 +62,11 @@ def check_flags(args):
         ("--lora-layers", args.lora_layers, args.lora_layers is None or args.lora_layers >= 1,
          "between 1 and the model's layers"),
     ])
+    if args.sweep:  # Optuna and the storage's URL before any embedding, not after it
+        optuna_or_say()
+        if args.sweep_storage and not re.match(r"^[a-z][\w+]*://", args.sweep_storage):
+            raise ValueError(f"--sweep-storage must be a database URL (sqlite:///sweeps.db, "
+                             f"postgresql://user@host/db), got {args.sweep_storage!r}")
     if (args.layer_sweep or args.compare_pooling) and args.folds:
         raise ValueError("--layer-sweep and --compare-pooling use one split: drop --folds")
     for mode, dests, why in ignored(args):

@@ -273,8 +273,9 @@ def missing(caches, text_key, dim):
 
 
 def say_size(n_todo, n_texts, n_specs, dim, cache_dir, model_bytes, log):
-    """One line on what the run will write and hold, before any work; a disk that cannot take it
-    is a one-line error."""
+    """One line on what the run will write and hold, before any work; a disk that cannot take it,
+    or a (pooling, layer)'s vectors that will not fit in RAM once loaded (a --map-correct --folds
+    run loads one set per fold), is a one-line error."""
     disk = n_todo * n_specs * (dim * 4 + 32)
     pending = min(PENDING_BYTES, n_todo * n_specs * dim * 4)
     where = Path(cache_dir).absolute()
@@ -285,6 +286,11 @@ def say_size(n_todo, n_texts, n_specs, dim, cache_dir, model_bytes, log):
     if disk > free:
         raise ValueError(f"--cache-dir {cache_dir}: the vectors need {size(disk)} ({shape}) and "
                          f"the disk has {size(free)} free")
+    loaded, ram = n_texts * dim * 4, runtime.host_available()
+    if loaded > ram:
+        raise MemoryError(f"the vectors of {n_texts} texts x {dim} need {size(loaded)} of RAM once "
+                          f"loaded and this machine has {size(ram)} available; embed fewer texts "
+                          f"(or --dim)")
     log(f"cache: {shape} = {size(disk)} on disk; memory while embedding about "
         f"{(model_bytes + pending) / runtime.GB:.1f} GB (the model and a batch, "
         f"{pending / runtime.GB:.2f} GB of vectors before each write); after it, "

@@ -44,6 +44,11 @@ def test_a_head_on_sentence_transformers_vectors_trains_and_evaluates(tmp_path, 
     train_csv, test_csv = csvs
     train_vectors = st_vectors(tiny, train_csv, tmp_path / "train.safetensors")
     test_vectors = st_vectors(tiny, test_csv, tmp_path / "test.safetensors")
+    st_vectors(tiny, test_csv, test_vectors)  # its own file: written again
+    onto_csv = subprocess.run([sys.executable, str(ROOT / "tools" / "st_vectors.py"), str(tiny),
+                               str(test_csv), str(train_csv)], capture_output=True, text=True)
+    assert onto_csv.returncode == 1 and "is a file this program did not write" in onto_csv.stderr
+    assert train.read_csv(train_csv)[1]  # the CSV it would have overwritten, intact
     calls = count_forward_passes(monkeypatch)
     base = ["--data", str(train_csv), "--vectors", str(train_vectors), "--epochs", "3", "--hidden",
             "16", "8", "--quiet", "--cache-dir", str(tmp_path / "cache")]
@@ -198,10 +203,14 @@ def test_a_sweep_with_folds_scores_the_mean_over_the_folds(tmp_path, sweep):
     assert len(load_checkpoint(tmp_path / "cv")[1]["heads"]) == 3
 
 
-def test_without_optuna_a_sweep_is_one_line(sweep, monkeypatch):
+def test_without_optuna_or_with_a_bad_storage_a_sweep_is_one_line_before_work(sweep, monkeypatch):
+    calls = count_forward_passes(monkeypatch)
+    assert "--sweep-storage must be a database URL" in cli_error(
+        train, sweep + ["--sweep", "2", "--sweep-storage", "studies.db", "--no-eos"])
     monkeypatch.setitem(sys.modules, "optuna", None)
-    assert cli_error(train, sweep + ["--sweep", "2"]) == (
+    assert cli_error(train, sweep + ["--sweep", "2", "--no-eos"]) == (
         "error: --sweep runs an Optuna study: pip install optuna")
+    assert not calls  # --no-eos: vectors not cached yet, so a late check would have embedded
 
 
 WITH_FAST_HEARTBEAT = ("import sys, research, train, cli; research.HEARTBEAT, "

@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ import train
 from at_scale import embed_cache, fingerprint
 from at_scale.embed_cache import EmbedSpec
 from data import read_csv, restore
-from helpers import PINNED, cli_error, count_forward_passes, write_csv
+from helpers import PINNED, ROOT, cli_error, count_forward_passes, write_csv
 from mlp_head import MLPHead, load_checkpoint, save_checkpoint
 from tools.random_checkpoint import make_checkpoint
 
@@ -352,3 +354,30 @@ def test_a_long_embedding_says_how_far_it_got_once_per_interval_under_quiet(tmp_
              if line.startswith("embedding: ") and " of 40 texts after " in line]
     assert 2 <= len(beats) <= (time.monotonic() - t0) / 0.2 + 1
     assert beats == sorted(beats) and 0 < beats[-1] <= 40  # n of N, as far as it got
+
+
+def test_random_checkpoint_writes_only_into_a_new_folder_or_its_own(tmp_path):
+    """The README's first command, run by a careless user on a folder of their own files."""
+    tool = [sys.executable, str(ROOT / "tools" / "random_checkpoint.py")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("my config")
+    (mine / "notes.txt").write_text("my notes")
+    done = subprocess.run(tool + [str(mine)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip().endswith(
+        "holds ['notes.txt'] that this tool did not write; name a new folder")
+    assert (mine / "config.json").read_text() == "my config"
+    for _ in range(2):  # a new folder, then its own: written again
+        assert subprocess.run(tool + [str(tmp_path / "model")], capture_output=True).returncode == 0
+
+
+
+def test_vectors_too_big_for_the_ram_once_loaded_stop_before_any_work(run, monkeypatch):
+    def ram():  # 1 kB when the loaded vectors are weighed; plenty for the model and the head
+        return 1000 if sys._getframe(1).f_code.co_name == "say_size" else 10**12
+    monkeypatch.setattr(embed_cache.runtime, "host_available", ram)
+    calls = count_forward_passes(monkeypatch)
+    message = cli_error(train, run)
+    assert message.endswith("of RAM once loaded and this machine has 0.0 MB available; embed fewer "
+                            "texts (or --dim)") and "48 texts x 64 need 0.0 MB" in message
+    assert not calls

@@ -13,6 +13,7 @@ tokenizers, so the reference stack loads it with its own code.
 """
 
 import argparse
+import fnmatch
 import json
 import zlib
 from pathlib import Path
@@ -36,6 +37,12 @@ CORPUS = [
     "The student adds the numerators and the denominators: a common misconception!",
     "Ünïcödé, 日本語, emoji 🙂, tabs\tand\nnewlines, \"quotes\", commas, and 12345 digits.",
 ]
+
+
+# What make_checkpoint writes into its folder: the CLI replaces a folder holding only these.
+WRITES = ("config.json", "tokenizer.json", "model.safetensors", "model-*-of-*.safetensors",
+          "model.safetensors.index.json", "tokenizer_config.json", "modules.json", "1_Pooling",
+          "2_Normalize")
 
 
 def build_tokenizer(vocab_size=400, eos_post_processor=True):
@@ -158,6 +165,12 @@ if __name__ == "__main__":
     ap.add_argument("--prefix", default="", help="'model.' for the LLM layout (with an lm_head)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    folder = Path(a.folder)
+    others = sorted(p.name for p in folder.iterdir() if not any(
+        fnmatch.fnmatch(p.name, name) for name in WRITES)) if folder.is_dir() else []
+    if others or folder.is_file():  # a folder of someone's files, or a file: not ours to overwrite
+        raise SystemExit(f"error: {folder}: holds {others[:4] or 'a file'} that this tool did not "
+                         f"write; name a new folder")
     shape = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in SHAPES[a.shape].items()}
     print(make_checkpoint(a.folder, **shape, seed=a.seed, prefix=a.prefix, shards=a.shards, tokenizer=a.tokenizer,
                           vocab_size=a.vocab_size, dtype=getattr(torch, a.dtype)))

@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's modules are one folder up
 
-from at_scale.embed_cache import write_vectors  # noqa: E402
-from data import MAP_TEMPLATE, check_ids, read_csv, require_columns, row_texts  # noqa: E402
+from at_scale.embed_cache import ours_file, write_vectors  # noqa: E402
+from data import (MAP_TEMPLATE, check_ids, check_out, read_csv, require_columns,  # noqa: E402
+                  row_texts)
 
 
 def folder_identity(folder):
@@ -43,6 +44,7 @@ def folder_identity(folder):
 
 def main(args):
     from sentence_transformers import SentenceTransformer
+    check_out(args.out, "OUT", kind="file", owned=ours_file)  # replaces only a vectors file
     columns, rows = read_csv(args.csv)
     require_columns(args.csv, columns, [args.id_col], "--id-col")
     check_ids(args.csv, rows, args.id_col)
@@ -82,5 +84,5 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # OSError: a model sentence-transformers cannot load
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
