@@ -552,8 +552,12 @@ class Cache:
         for file in self.files():
             if not want:
                 break
-            hits = {j: want.pop(k) for j, k in enumerate(self.read(file, dim) or ()) if k in want}
-            self.read_rows(file, hits, out)
+            chunk = self.read(file, dim) or ()
+            hits = {j: want.pop(k) for j, k in enumerate(chunk) if k in want}
+            try:
+                self.read_rows(file, hits, out)
+            except FileNotFoundError:  # merged away by another run since read(): the merged file,
+                want.update({chunk[j]: rows for j, rows in hits.items()})  # listed next, has them
         if want:
             raise FileNotFoundError(f"{self.dir}: {len(want)} vectors vanished from the cache "
                                     f"while reading (another run deleting its files?); run again")
