@@ -10,6 +10,7 @@ import contextlib
 import csv
 import errno
 import fnmatch
+import glob
 import io
 import json
 import os
@@ -244,12 +245,8 @@ NAMES_BEFORE_MANIFEST = ("meta.json", "args.json", "val_predictions.csv", "histo
 def leftovers(path):
     """The temporary folders atomic_path made beside path (.NAME.xxxxxxxx), oldest first."""
     path = Path(path)
-    found = path.parent.glob(f".{glob_escape(path.name)}.????????") if path.parent.is_dir() else []
+    found = path.parent.glob(f".{glob.escape(path.name)}.????????") if path.parent.is_dir() else []
     return sorted((d for d in found if d.is_dir()), key=lambda d: d.stat().st_mtime)
-
-
-def glob_escape(name):
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def restore(path, log=print):

@@ -204,6 +204,15 @@ SHRINK = [(r"Qwen/Qwen3-[\w.-]+|sentence-transformers/[\w.-]+|google/embeddingge
           (r" --tokenizer QWEN/tokenizer\.json", ""), (r"(?<![\w/])MAP\.csv", "{data}/train.csv")]
 
 
+def copy_project(folder):
+    """The project as a fresh clone has it, its programs, tools and example data, in folder."""
+    for part in ("at_scale", "tools", "data"):
+        shutil.copytree(ROOT / part, folder / part)
+    for file in ROOT.glob("*.py"):
+        shutil.copy(file, folder)
+    return folder
+
+
 def run_here(command, cwd, monkeypatch):
     """A `python script.py args` command, run in this process (no interpreter start-up per
     command) from cwd, as its command line would: -> (exit status, what it printed to stderr)."""
@@ -230,11 +239,7 @@ def test_every_command_the_docs_show_runs_here_or_says_why_not(tmp_path, tiny, m
     """Each command of the README, the guide, HOW_IT_WORKS and the measurements runs, in the order
     shown, in a copy of the project, on a tiny checkpoint and small CSVs (SHRINK), or matches a
     NOT_RUN entry that says why it cannot run here."""
-    copy = tmp_path / "project"
-    for part in ("at_scale", "tools", "data"):
-        shutil.copytree(ROOT / part, copy / part)
-    for file in ROOT.glob("*.py"):
-        shutil.copy(file, copy)
+    copy = copy_project(tmp_path / "project")
     (tmp_path / "csv").mkdir()
     write_csv(tmp_path / "csv" / "train.csv", n=48)
     write_csv(tmp_path / "csv" / "test.csv", n=12, seed=1)
@@ -265,11 +270,7 @@ def test_the_readme_first_run_works_offline(tmp_path):
     block = re.search(r"A first run, offline.*?```bash\n(.*?)```", readme, re.S)[1]
     lines = [line for line in block.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[0].startswith("python tools/random_checkpoint.py")
-    copy = tmp_path / "project"
-    for part in ("at_scale", "tools", "data"):
-        shutil.copytree(ROOT / part, copy / part)
-    for file in ROOT.glob("*.py"):
-        shutil.copy(file, copy)
+    copy = copy_project(tmp_path / "project")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for line in lines:
         done = subprocess.run(line, shell=True, cwd=copy, capture_output=True, text=True, env=env,
