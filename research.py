@@ -216,16 +216,26 @@ def open_study(args, x, task, optuna):
              "failed_trial_callback": "RetryFailedTrialCallback"}  # before: the same, named so
     argument = next(a for a in retry
                     if a in inspect.signature(optuna.storages.RDBStorage).parameters)
-    storage = optuna.storages.RDBStorage(
-        url, heartbeat_interval=HEARTBEAT, grace_period=STALE_AFTER,
-        **{argument: getattr(optuna.storages, retry[argument])(max_retry=1)})
+    # SQLite: wait for another process's lock instead of failing at once (two starting together)
+    wait = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     name = study_name(args, x, task)
     sampler = (optuna.samplers.RandomSampler(seed=args.seed) if args.sweep_sampler == "random"
                else optuna.samplers.TPESampler(seed=args.seed))
     pruner = (optuna.pruners.NopPruner() if args.no_sweep_prune else
               optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction="maximize", load_if_exists=True)
+    for attempt in range(5):  # processes starting at once race to create the tables and study
+        try:
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=wait, heartbeat_interval=HEARTBEAT, grace_period=STALE_AFTER,
+                **{argument: getattr(optuna.storages, retry[argument])(max_retry=1)})
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                        pruner=pruner, direction="maximize", load_if_exists=True)
+            break
+        except Exception as e:  # sqlalchemy's OperationalError or IntegrityError of the race
+            if attempt == 4 or type(e).__name__ not in ("OperationalError", "IntegrityError"):
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"--sweep-storage {url}: cannot open the study ({why})") from None
+            time.sleep(0.5 * (attempt + 1))
     optuna.storages.fail_stale_trials(study)  # a killed run's trial: failed, then retried
     done = len(finished(study))
     log(f"sweep: {'resuming' if study.trials else 'a new'} study {name} in {url} ({done} of "
